@@ -1,0 +1,300 @@
+"""The one VLM wrapper that every objective composes.
+
+It loads any ``AutoModelForImageTextToText`` checkpoint (hub id or local folder) with its
+processor, applies freezing / LoRA / gradient checkpointing, computes completion-only token
+log-probs (LM head and log-softmax on target positions only, in chunks), generates, and offers
+a reference view (disabled adapters under LoRA, a frozen copy otherwise, nothing when unused).
+Vision inputs travel as one dict and reach the model as ``**vision``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_vlm.processing import load_processor
+from lightning_vlm.tiny import TinyVLM, ensure_tiny_vlm
+
+_VISION_ATTRS = ("visual", "vision_tower", "vision_model")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft).
+
+    Args:
+        r: Rank of the adapters.
+        alpha: Scaling numerator (the update is scaled by alpha / r).
+        dropout: Dropout on the adapter input.
+        target_modules: Leaf names of the linear layers to adapt (e.g. ``[q_proj, v_proj]``), or
+            ``all-linear`` for every linear layer of the language model (never the LM head).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class BackboneConfig:
+    """Which VLM to load and how to train it.
+
+    Args:
+        model_name_or_path: Hub id (e.g. ``Qwen/Qwen2-VL-2B-Instruct``) or local folder.
+        tiny: Build a tiny random-initialised VLM offline instead (cached on disk) and load it
+            like any checkpoint. Exactly one of ``model_name_or_path`` and ``tiny`` is set.
+        dtype: Dtype of the loaded weights; ``auto`` keeps the checkpoint's. Use ``float32`` with
+            ``bf16-mixed`` precision so trainable weights stay in fp32.
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ...
+        trust_remote_code: Run custom code shipped with the checkpoint. Off unless you trust it.
+        lora: LoRA settings; ``null`` trains the weights themselves.
+        vision: ``frozen`` (default), ``train`` (full weights) or ``lora`` (adapters on the vision
+            tower's linear layers too; needs ``lora``).
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        logps_chunk_size: Target tokens per LM-head chunk when computing log-probs; bounds the
+            logits held in memory to ``chunk x vocab``.
+        processor_kwargs: Extra image-processor settings, e.g. ``{min_pixels: 3136, max_pixels: 200704}``.
+    """
+
+    model_name_or_path: str | None = None
+    tiny: TinyVLM | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+    lora: LoraSettings | None = None
+    vision: Literal["frozen", "train", "lora"] = "frozen"
+    gradient_checkpointing: bool = False
+    logps_chunk_size: int = 1024
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve(config: BackboneConfig) -> str:
+    if (config.model_name_or_path is None) == (config.tiny is None):
+        raise ValueError("backbone: set exactly one of `model_name_or_path` and `tiny`")
+    if config.tiny is not None:
+        return str(ensure_tiny_vlm(config.tiny))
+    path = config.model_name_or_path
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"backbone.model_name_or_path: no model folder at {path}")
+    return str(Path(path).expanduser()) if path.startswith("~") else path
+
+
+def _check_is_vlm(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not trust_remote_code:
+        raise ValueError(
+            f"{path}: model_type {config.model_type!r} is not a vision-language model "
+            "(no AutoModelForImageTextToText class for it)"
+        )
+    return config
+
+
+class VLMBackbone(nn.Module):
+    """Load and wrap one VLM. The processor loads at once; the weights in :meth:`load`.
+
+    Args:
+        config: What to load and how to train it (see :class:`BackboneConfig`).
+        need_reference: Keep a reference policy (frozen copy, or disabled adapters under LoRA).
+    """
+
+    def __init__(self, config: BackboneConfig, need_reference: bool = False):
+        super().__init__()
+        if config.vision == "lora" and config.lora is None:
+            raise ValueError("backbone.vision: 'lora' needs backbone.lora settings")
+        self.config = config
+        self.need_reference = need_reference
+        self.path = _resolve(config)
+        self.hf_config = _check_is_vlm(self.path, config.trust_remote_code)
+        self.processor = load_processor(
+            self.path, self.hf_config, config.trust_remote_code, **config.processor_kwargs
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # one padding side for training and generation
+        self.model: nn.Module | None = None
+        self._reference: nn.Module | None = None  # hidden from state_dict and the optimizer
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> None:
+        """Load the weights and set trainability. Idempotent (Lightning may call it twice)."""
+        if self.model is not None:
+            return
+        from transformers import AutoModelForImageTextToText
+
+        cfg = self.config
+        kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+        kwargs["dtype"] = "auto" if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(self.path, **kwargs)
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.requires_grad_(cfg.lora is None)
+        if cfg.lora is None and cfg.vision == "frozen":
+            self._vision_of(model).requires_grad_(False)
+        if cfg.lora is not None:
+            model = self._add_lora(model)
+            if cfg.vision == "train":
+                self._vision_of(model).requires_grad_(True)
+        elif self.need_reference:
+            self._reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = model
+
+    def _add_lora(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.config.lora
+        vision = self._vision_of(model)
+        vision_ids = {id(m) for m in vision.modules()}
+        head = model.get_output_embeddings()
+        wanted = None if lora.target_modules == "all-linear" else set(lora.target_modules)
+        names = [
+            name
+            for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear)
+            and mod is not head
+            and (self.config.vision == "lora" or id(mod) not in vision_ids)
+            and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
+        ]
+        if not names:
+            raise ValueError(f"backbone.lora.target_modules: no linear layer matches {lora.target_modules!r}")
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names)
+        return get_peft_model(model, peft_config)
+
+    @staticmethod
+    def _vision_of(model: nn.Module) -> nn.Module:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for owner in (base, getattr(base, "model", None)):
+            for attr in _VISION_ATTRS:
+                if owner is not None and isinstance(getattr(owner, attr, None), nn.Module):
+                    return getattr(owner, attr)
+        raise ValueError(f"cannot find the vision tower of {type(base).__name__} (looked for {_VISION_ATTRS})")
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self._vision_of(self.model)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the hidden reference copy on the policy's device and dtype.
+        super()._apply(fn, recurse)
+        if self._reference is not None:
+            self._reference._apply(fn, recurse)
+        return self
+
+    # ------------------------------------------------------------------ log-probs
+    @staticmethod
+    def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base.model, base.get_output_embeddings()
+
+    def token_logps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vision: dict[str, torch.Tensor],
+        target_mask: torch.Tensor,
+        model: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Log-probability of each target token given everything before it.
+
+        Only the hidden states that predict a target token go through the LM head, in chunks of
+        ``logps_chunk_size`` that are recomputed in backward, so memory is ``chunk x vocab``.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1 on real tokens.
+            vision: Whatever the processor returned for the images (passed as ``**vision``).
+            target_mask: (B, T) bool, True at tokens to score (never position 0).
+            model: Score with this model instead of the policy (used for the reference copy).
+
+        Returns:
+            (B, T) float32 log-probs, 0 where ``target_mask`` is False.
+        """
+        inner, head = self._parts(model if model is not None else self.model)
+        hidden = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision)
+        hidden = hidden.last_hidden_state  # (B, T, H)
+        targets = target_mask[:, 1:].bool()  # position t-1 predicts token t
+        h = hidden[:, :-1][targets]  # (N, H)
+        y = input_ids[:, 1:][targets]  # (N,)
+        chunk = max(1, self.config.logps_chunk_size)
+        parts = []
+        for start in range(0, h.shape[0], chunk):
+            args = (h[start : start + chunk], y[start : start + chunk], head)
+            if torch.is_grad_enabled() and h.requires_grad:
+                parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+            else:
+                parts.append(_chunk_logps(*args))
+        out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        if parts:
+            out[:, 1:][targets] = torch.cat(parts)
+        return out
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Yield the reference model: the policy with adapters disabled, or the frozen copy."""
+        if self.config.lora is not None:
+            with self.model.disable_adapter(), torch.no_grad():
+                yield self.model
+        elif self._reference is not None:
+            with torch.no_grad():
+                yield self._reference
+        else:
+            raise RuntimeError("backbone was built without need_reference=True")
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vision: dict[str, torch.Tensor],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_return_sequences: int = 1,
+    ) -> torch.Tensor:
+        """Generate from left-padded prompts; returns (B * num_return_sequences, N) completion ids.
+
+        Generation stops at the tokenizer's EOS; finished rows are padded with the pad token.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **vision,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+            **sampling,
+        )
+        self.model.train(was_training)
+        return out[:, input_ids.shape[1] :]
+
+    def decode(self, completion_ids: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+
+
+def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(h).float()  # (n, V)
+    return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)

@@ -1,0 +1,103 @@
+"""The ``lightning-vlm`` command: a thin LightningCLI.
+
+Model and data are chosen by import path (``class_path``), so a custom objective needs no
+registration. Typos anywhere in the config, nested backbone and tiny-model settings included,
+fail at parse time with the key named. The resolved config is saved with every run and sent to
+the logger (W&B keeps it with the run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from lightning_vlm.data.base import VLMDataModule
+from lightning_vlm.objectives.base import VLMObjective
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Save the resolved config to the run folder and hand it to the logger too."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(json.loads(self.parser.dump(self.config, format="json")))
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Write ``predict`` outputs (one JSON object per row) to a JSONL file.
+
+    Args:
+        path: Output file; defaults to ``predictions.jsonl`` in the run's log folder.
+    """
+
+    def __init__(self, path: str | None = None):
+        super().__init__(write_interval="batch")
+        self.path = path
+        self._file = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        path = Path(self.path or Path(trainer.log_dir or ".") / "predictions.jsonl")
+        if trainer.world_size > 1:
+            path = path.with_suffix(f".rank{trainer.global_rank}.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("w")
+        self.written = path
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for row in prediction:
+            self._file.write(json.dumps(row) + "\n")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._file.close()
+        print(f"predictions written to {self.written}")
+
+
+class VLMCLI(LightningCLI):
+    """LightningCLI with the lightning-vlm defaults: subclass mode, config saving, held-out report."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(
+            VLMObjective, VLMDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--report_held_out",
+            type=bool,
+            default=False,
+            help="fit: validate before and after training and print the held-out metrics side by side",
+        )
+        parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+
+    def _held_out(self) -> dict[str, float]:
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    def before_fit(self) -> None:
+        self._before = self._held_out() if self.config.fit.report_held_out else None
+
+    def after_fit(self) -> None:
+        if self._before is None or self.trainer.interrupted:
+            return
+        after = self._held_out()
+        if self.trainer.is_global_zero:
+            print("\nheld-out metrics     before      after")
+            for key in sorted(set(self._before) | set(after)):
+                print(f"  {key:<16} {self._before.get(key, float('nan')):>10.4f} {after.get(key, float('nan')):>10.4f}")
+
+
+def main(args: list[str] | None = None) -> None:
+    VLMCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""LightningDataModules, row checks and collation."""
+
+from lightning_vlm.data.base import SyntheticData, VLMDataModule
+from lightning_vlm.data.sft import SFTDataModule
+
+__all__ = ["SFTDataModule", "SyntheticData", "VLMDataModule"]

@@ -1,0 +1,155 @@
+"""Shared LightningDataModule machinery: sources, row checks, the processor hand-off, loaders."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_vlm.data.rows import BadRowError, as_list, check_rows, load_source, open_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyntheticData:
+    """Generate the bundled synthetic image-question data (shapes, colours, counts, positions).
+
+    Args:
+        out: Folder to write to (skipped when it already holds the same data).
+        n_train: Rows per training split.
+        n_val: Rows per held-out split.
+        image_size: Side of the square images in pixels.
+        seed: Seed of the generator.
+    """
+
+    out: str = "data/synthetic"
+    n_train: int = 2000
+    n_val: int = 200
+    image_size: int = 112
+    seed: int = 0
+
+
+class VLMDataModule(L.LightningDataModule):
+    """Base for the datamodules: subclasses give the required columns, a row check and collators.
+
+    Args:
+        train: Training data: a jsonl/json/parquet/arrow file, a ``save_to_disk`` folder, or
+            ``hub/name:split`` where a hub is reachable.
+        val: Held-out data in the same forms (optional).
+        predict: Data for ``lightning-vlm predict`` (defaults to ``val``).
+        columns: Map our column names to the dataset's, e.g. ``{images: image}``.
+        batch_size: Rows per training batch (per device).
+        eval_batch_size: Rows per validation / prediction batch (defaults to ``batch_size``).
+        num_workers: DataLoader workers; images are decoded and processed there.
+        max_length: Longest tokenised row (image tokens included).
+        overlong: A row longer than ``max_length``: ``error``, or ``drop`` and count. Rows are
+            never cut, so image tokens are never cut through.
+        bad_rows: A malformed row (missing field, unreadable image, image count mismatch):
+            ``error`` naming row and field, or ``skip`` and count.
+        check_images: Decode every image once while checking rows (catches truncated files
+            before training); when off only headers are read.
+        synthetic: Write the bundled synthetic data first (offline quickstart and tests).
+        seed: Seed of the training shuffle.
+    """
+
+    required: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        predict: str | None = None,
+        columns: dict[str, str] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_length: int = 2048,
+        overlong: Literal["error", "drop"] = "error",
+        bad_rows: Literal["error", "skip"] = "error",
+        check_images: bool = True,
+        synthetic: SyntheticData | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.sources = {"train": train, "val": val, "predict": predict or val}
+        self.columns = dict(columns or {})
+        self.processor = None  # taken from the model's backbone in setup(), or set by hand
+        self.datasets: dict[str, Any] = {}
+        self.skipped: dict[str, dict[str, int]] = {}
+
+    def prepare_data(self) -> None:
+        syn = self.hparams.synthetic
+        if syn is not None:
+            from lightning_vlm.data.synthetic import write_synthetic
+
+            write_synthetic(syn.out, n_train=syn.n_train, n_val=syn.n_val, image_size=syn.image_size, seed=syn.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None:
+            if self.trainer is None or not hasattr(self.trainer.lightning_module, "backbone"):
+                raise RuntimeError("the datamodule needs a processor: attach it to a trainer or set .processor")
+            self.processor = self.trainer.lightning_module.backbone.processor
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}.get(stage, ("train", "val"))
+        for split in wanted:
+            if split not in self.datasets and self.sources[split]:
+                self.datasets[split] = self.load_split(self.sources[split])
+        if stage == "fit" and "train" not in self.datasets:
+            raise ValueError("data.train is required for fit")
+
+    def load_split(self, source: str):
+        h = self.hparams
+        ds = load_source(source, self.columns, self.required)
+        ds, counts = check_rows(ds, source, self._check_row, h.bad_rows, h.overlong, h.max_length)
+        if counts:
+            log.warning("%s: skipped %s of %d rows", source, counts, len(ds) + sum(counts.values()))
+        self.skipped[source] = counts
+        if len(ds) == 0:
+            raise ValueError(f"{source}: no usable rows left after checks ({counts})")
+        return ds
+
+    def _check_row(self, row: dict) -> int:
+        """Validate a row (raise BadRowError naming row and field) and return its token length."""
+        raise NotImplementedError
+
+    def images_of(self, row: dict, expected: int, field: str) -> list:
+        """Open the row's images (decoded when ``check_images``) and check their count."""
+        refs = as_list(row.get("images"))
+        if len(refs) != expected:
+            raise BadRowError(
+                f"row {row['__row']}: field {field!r} has {expected} image placeholder(s) "
+                f"but 'images' lists {len(refs)}"
+            )
+        return [open_image(r, row["__base"], row["__row"], decode=self.hparams.check_images) for r in refs]
+
+    def token_length(self, text: str, images: list) -> int:
+        """Tokens of ``text`` once each image placeholder is expanded, without processing pixels."""
+        n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not images:
+            return n
+        sizes = [(im.height, im.width) for im in images]
+        counter = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if counter is not None:
+            return n + sum(counter(image_sizes=sizes)["num_image_tokens"]) - len(images)
+        rgb = [im.convert("RGB") for im in images]
+        return self.processor(text=[text], images=rgb, add_special_tokens=False)["input_ids"].shape[1]
+
+    def _loader(self, split: str, collate, shuffle: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self.datasets[split],
+            batch_size=h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size),
+            shuffle=shuffle,
+            num_workers=h.num_workers,
+            collate_fn=collate,
+            persistent_workers=h.num_workers > 0,
+            generator=torch.Generator().manual_seed(h.seed) if shuffle else None,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "synthetic": asdict(self.hparams.synthetic) if self.hparams.synthetic else None}

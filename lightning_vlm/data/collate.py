@@ -1,0 +1,120 @@
+"""Turning chat rows into model batches: chat template, label masks, images, padding.
+
+Runs inside DataLoader workers, so images are decoded and processed off the training loop.
+A batch is ``{"input_ids", "attention_mask", "vision": {...}, ...}`` where ``vision`` is whatever
+the processor returned besides the text tensors (``pixel_values``, ``image_grid_thw``,
+``mm_token_type_ids``, ``image_sizes``, ...), padded and stacked by the processor itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, open_image
+
+TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+def render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(processor, messages: list[dict], row: int) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` and return the text with the character spans of assistant replies.
+
+    A span covers the reply and its end-of-turn token (so the model learns to stop) and not the
+    whitespace after it. Prefix renders must be prefixes of the full render, which holds for
+    every mainstream chat template; if not, we refuse rather than guess.
+    """
+    text = render(processor, messages)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        start = len(render(processor, messages[:i], add_generation_prompt=True)) if i else 0
+        end_text = render(processor, messages[: i + 1])
+        if not text.startswith(end_text):
+            raise BadRowError(f"row {row}: the chat template does not render conversation prefixes as prefixes")
+        spans.append((start, len(end_text.rstrip())))
+    if not spans:
+        raise BadRowError(f"row {row}: field 'messages': no assistant turn to learn from")
+    return text, spans
+
+
+def _label_mask(processor, text: str, spans, expanded: list[int], row: int) -> list[bool]:
+    """Map character spans to the processor's (image-expanded) token sequence."""
+    tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    image_id = processor.image_token_id
+    mask, p = [False] * len(expanded), 0
+    for tid, (a, b) in zip(tok["input_ids"], tok["offset_mapping"], strict=True):
+        if tid == image_id:  # one placeholder in the text becomes a run of them
+            if p >= len(expanded) or expanded[p] != image_id:
+                raise BadRowError(f"row {row}: image tokens do not line up with the processor's output")
+            while p < len(expanded) and expanded[p] == image_id:
+                p += 1
+            continue
+        if p >= len(expanded) or expanded[p] != tid:
+            raise BadRowError(f"row {row}: tokenisation differs from the processor's output at token {p}")
+        mask[p] = b > a and any(s <= a and b <= e for s, e in spans)
+        p += 1
+    if p != len(expanded):
+        raise BadRowError(f"row {row}: processor output has {len(expanded) - p} unexpected trailing tokens")
+    return mask
+
+
+def encode(processor, texts: list[str], images: list, **kwargs) -> dict[str, Any]:
+    """Run the processor on a batch; split text tensors from the one vision dict."""
+    enc = processor(
+        text=texts, images=images or None, padding=True, add_special_tokens=False, return_tensors="pt", **kwargs
+    )
+    batch = {k: enc[k] for k in TEXT_KEYS}
+    batch["vision"] = {k: v for k, v in enc.items() if k not in TEXT_KEYS}
+    return batch
+
+
+def strip_final_answer(messages: list[dict]) -> tuple[list[dict], str]:
+    """Split a conversation into the prompt (all but the last assistant turn) and that turn's text."""
+    last = messages[-1]
+    content = last["content"]
+    answer = content if isinstance(content, str) else "".join(p["text"] for p in content if p.get("type") == "text")
+    return messages[:-1], answer
+
+
+class SFTCollator:
+    """Collate SFT rows: loss mask on assistant tokens, optional generation prompts for evaluation.
+
+    Args:
+        processor: The backbone's processor (left padding).
+        with_prompts: Also encode each conversation minus its last reply, left-padded for
+            generation, with the reference reply in ``answers``.
+    """
+
+    def __init__(self, processor, with_prompts: bool = False):
+        self.processor = processor
+        self.with_prompts = with_prompts
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        texts, spans, images = [], [], []
+        for r in rows:
+            text, sp = assistant_spans(self.processor, r["messages"], r[ROW])
+            texts.append(text)
+            spans.append(sp)
+            images += [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
+        batch = encode(self.processor, texts, images)
+        masks = []
+        for k, r in enumerate(rows):
+            am = batch["attention_mask"][k].bool()
+            ids = batch["input_ids"][k][am].tolist()
+            row_mask = torch.zeros_like(am)
+            row_mask[am] = torch.tensor(_label_mask(self.processor, texts[k], spans[k], ids, r[ROW]))
+            masks.append(row_mask)
+        batch["labels_mask"] = torch.stack(masks)  # (B, T) bool
+        batch["rows"] = [r[ROW] for r in rows]
+        if self.with_prompts:
+            prompts, answers = zip(*(strip_final_answer(r["messages"]) for r in rows), strict=True)
+            texts = [render(self.processor, p, add_generation_prompt=True) for p in prompts]
+            batch["prompt"] = encode(self.processor, texts, images)
+            batch["answers"] = list(answers)
+        return batch

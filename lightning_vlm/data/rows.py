@@ -1,0 +1,162 @@
+"""Reading dataset rows: sources, column mappings, images, and the checks every row passes.
+
+Every error names the source, the row index and the field. Rows keep their original index in
+the ``__row`` column so that errors raised later (in DataLoader workers) can name them too.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+ROW = "__row"
+BASE = "__base"
+
+
+class BadRowError(ValueError):
+    """A dataset row that cannot be used; the message names the row and field."""
+
+
+def load_source(source: str, columns: dict[str, str], required: tuple[str, ...]):
+    """Load a local jsonl/json/parquet/arrow file, a ``save_to_disk`` folder, or ``hub/name:split``.
+
+    Columns are renamed by ``columns`` (ours -> theirs, e.g. ``{"images": "image"}``) and each
+    required column must exist. Returns a ``datasets.Dataset`` with ``__row`` and ``__base``
+    (the folder that relative image paths are resolved against).
+    """
+    import datasets
+
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        base = str(path)
+    elif suffix in (".jsonl", ".json", ".parquet", ".arrow"):
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file not found: {source}")
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}[suffix]
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        base = str(path.parent.resolve())
+    else:
+        name, _, split = source.partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+        base = "."
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"{source}: holds several splits {list(ds)}; point at one")
+    renames = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
+    for theirs in renames:
+        if theirs not in ds.column_names:
+            raise KeyError(f"{source}: column mapping names {theirs!r}, but the columns are {ds.column_names}")
+    ds = ds.rename_columns(renames)
+    for col in required:
+        if col not in ds.column_names:
+            hint = " (map it with data.columns)" if columns is not None else ""
+            raise KeyError(f"{source}: missing column {col!r}{hint}; the columns are {ds.column_names}")
+    ds = ds.add_column(ROW, list(range(len(ds))))
+    return ds.add_column(BASE, [base] * len(ds))
+
+
+def as_list(images: Any) -> list:
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def open_image(ref: Any, base: str, row: int, decode: bool = True) -> Image.Image:
+    """Open one image reference (path, ``{"bytes", "path"}`` dict, raw bytes or PIL image).
+
+    With ``decode`` the pixels are read and converted to RGB (truncated files fail here);
+    without, only the header is read (enough for the size).
+    """
+    try:
+        if isinstance(ref, Image.Image):
+            img = ref
+        elif isinstance(ref, dict) and ref.get("bytes"):
+            img = Image.open(io.BytesIO(ref["bytes"]))
+        elif isinstance(ref, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(ref))
+        else:
+            path = ref.get("path") if isinstance(ref, dict) else ref
+            if not isinstance(path, str):
+                raise BadRowError(f"row {row}: field 'images': expected a path, bytes or image, got {type(ref).__name__}")
+            full = Path(base) / path
+            img = Image.open(full)
+        if not decode:
+            return img
+        img.load()
+        return img.convert("RGB")
+    except BadRowError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL raises many types; re-raise with the row named
+        where = ref if isinstance(ref, str) else (ref.get("path") if isinstance(ref, dict) else "<bytes>")
+        raise BadRowError(f"row {row}: field 'images': cannot read image {where!r}: {err}") from err
+
+
+def count_image_parts(messages: Any, row: int, field: str) -> int:
+    """Check the chat ``messages`` layout and count ``{"type": "image"}`` parts in it."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRowError(f"row {row}: field {field!r}: expected a non-empty list of messages")
+    n = 0
+    for k, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise BadRowError(f"row {row}: field {field!r}: message {k} needs 'role' and 'content'")
+        content = msg["content"]
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise BadRowError(f"row {row}: field {field!r}: message {k} content must be a string or a list")
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                n += 1
+            elif kind != "text" or not isinstance(part.get("text"), str):
+                raise BadRowError(f"row {row}: field {field!r}: message {k} has an unknown part {part!r}")
+    return n
+
+
+def check_rows(
+    ds,
+    source: str,
+    check: Callable[[dict], int],
+    bad_rows: str,
+    overlong: str,
+    max_length: int,
+    num_proc: int | None = None,
+):
+    """Run ``check(row) -> length`` on every row; drop or raise per policy; return (dataset, counts).
+
+    ``check`` raises :class:`BadRowError` for a bad row. ``bad_rows`` is ``error`` or ``skip``;
+    ``overlong`` (length > ``max_length``) is ``error`` or ``drop``. Skips are counted by reason.
+    """
+
+    def run(row):
+        try:
+            n, err = check(row), ""
+        except BadRowError as e:
+            n, err = 0, str(e)
+        return {"__len": n, "__err": err}
+
+    checked = ds.map(run, num_proc=num_proc, desc=f"checking {Path(source).name}")
+    counts: Counter[str] = Counter()
+    keep = []
+    for i, (n, err) in enumerate(zip(checked["__len"], checked["__err"], strict=True)):
+        if err:
+            if bad_rows == "error":
+                raise BadRowError(f"{source}: {err} (set data.bad_rows: skip to skip and count such rows)")
+            counts["bad"] += 1
+        elif n > max_length:
+            if overlong == "error":
+                raise BadRowError(
+                    f"{source}: row {checked[i][ROW]}: {n} tokens > max_length {max_length} "
+                    "(raise data.max_length, or set data.overlong: drop)"
+                )
+            counts["overlong"] += 1
+        else:
+            keep.append(i)
+    out = checked.select(keep) if len(keep) < len(checked) else checked
+    return out.remove_columns(["__err"]), dict(counts)

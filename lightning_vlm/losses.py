@@ -1,0 +1,29 @@
+"""Loss functions: pure tensor maths, one function per loss.
+
+Contract (shared/DESIGN.md): each function returns ``(loss, metrics)``, ``loss`` a scalar tensor
+and ``metrics`` a dict of detached tensors. Shapes: B sequences, L completion tokens; ``mask`` is
+1 on real completion tokens; sequence log-probs are sums over completion tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Metrics = dict[str, torch.Tensor]
+
+
+def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    """Token-mean negative log-likelihood over the target tokens of the whole batch.
+
+    Args:
+        logps: (B, L) log-probability of each target token.
+        mask: (B, L) 1 on tokens that count.
+
+    Returns:
+        ``(loss, {"nll": loss, "tokens": count})``; the loss is 0 (with a gradient path) when the
+        mask is empty.
+    """
+    mask = mask.to(logps.dtype)
+    tokens = mask.sum()
+    loss = -(logps * mask).sum() / tokens.clamp(min=1.0)
+    return loss, {"nll": loss.detach(), "tokens": tokens.detach()}

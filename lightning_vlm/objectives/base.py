@@ -1,0 +1,116 @@
+"""The shared base LightningModule: backbone, optimiser and schedule, guards, checkpoint hygiene.
+
+Every objective subclasses :class:`VLMObjective` (one level of inheritance) and adds only its
+maths and metrics. Lightning owns the loop, devices, precision, checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from lightning_vlm.backbone import BackboneConfig, VLMBackbone
+
+
+class VLMObjective(L.LightningModule):
+    """Base of all objectives.
+
+    Args:
+        backbone: The VLM to train (see ``BackboneConfig``: model, LoRA, vision tower, ...).
+        lr: Peak learning rate of the default AdamW.
+        weight_decay: Decoupled weight decay of the default AdamW.
+        warmup_steps: Linear warm-up steps of the default schedule.
+        schedule: Default schedule after warm-up: ``constant``, ``cosine`` or ``linear`` decay to 0
+            at ``trainer.max_steps`` (or the estimated total steps).
+        optimizer: Replace the default AdamW, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``.
+        lr_scheduler: Replace the default schedule (stepped every optimisation step).
+        max_nonfinite_steps: A step whose loss is NaN/inf is skipped and counted; this many in a
+            row stop the run.
+    """
+
+    need_reference: bool = False
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: Literal["constant", "cosine", "linear"] = "constant",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_nonfinite_steps: int = 5,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = VLMBackbone(backbone, need_reference=self.need_reference)
+        self.nonfinite_steps = 0  # consecutive
+        self.nonfinite_total = 0
+        # Checkpoints hold trainable weights only; frozen ones come from the pretrained folder.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        self.backbone.load()
+
+    def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def guard(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Return ``loss``, or None (skip the step) when it is not finite; stop when that repeats."""
+        if torch.isfinite(loss):
+            self.nonfinite_steps = 0
+            return loss
+        self.nonfinite_steps += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        if self.nonfinite_steps >= self.hparams.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{self.nonfinite_steps} consecutive non-finite losses at step {self.global_step}: stopping "
+                "(lower the learning rate, check the data, or use fp32)"
+            )
+        return None
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if h.optimizer is not None:
+            opt = h.optimizer(params)
+        else:
+            opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        if h.lr_scheduler is not None:
+            sched = h.lr_scheduler(opt)
+        else:
+            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(h.schedule, h.warmup_steps, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = set(self.trainable_named_parameters())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["nonfinite_total"] = self.nonfinite_total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        missing = set(self.trainable_named_parameters()) - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {sorted(missing)[:3]}")
+        self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor

@@ -1,0 +1,70 @@
+"""Supervised fine-tuning (SFT) of a vision-language model.
+
+Paper: standard maximum-likelihood instruction tuning, as in LLaVA (https://arxiv.org/abs/2304.08485).
+The model reads the image(s) and the conversation and is trained to predict every assistant token
+(token-mean negative log-likelihood); user turns, images and padding carry no loss. Held-out
+quality is the exact-match accuracy of greedy answers to the last user turn. Closest sibling: the
+generation term of MPO, which applies the same loss to the chosen response of a preference pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric
+
+from lightning_vlm.backbone import BackboneConfig
+from lightning_vlm.losses import sft_loss
+from lightning_vlm.metrics import exact_match
+from lightning_vlm.objectives.base import VLMObjective
+
+
+class SFT(VLMObjective):
+    """Supervised fine-tuning on chat rows with images.
+
+    Args:
+        backbone: The VLM to train.
+        eval_max_new_tokens: Tokens generated per held-out answer (greedy) for ``val/accuracy``
+            and ``predict``.
+        **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, optimizer, ...).
+    """
+
+    def __init__(self, backbone: BackboneConfig, eval_max_new_tokens: int = 16, **kwargs: Any):
+        super().__init__(backbone, **kwargs)
+        self.save_hyperparameters()
+        self.val_accuracy = MeanMetric()
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = batch["labels_mask"]  # (B, T)
+        logps = self.backbone.token_logps(batch["input_ids"], batch["attention_mask"], batch["vision"], mask)
+        return sft_loss(logps, mask)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss, metrics = self._loss(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/tokens", metrics["tokens"], reduce_fx="sum", batch_size=bs)
+        return self.guard(loss)
+
+    def _answers(self, batch: dict) -> list[str]:
+        p = batch["prompt"]
+        ids = self.backbone.generate(
+            p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=self.hparams.eval_max_new_tokens
+        )
+        return self.backbone.decode(ids)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, _ = self._loss(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        hits = [exact_match(a, r) for a, r in zip(self._answers(batch), batch["answers"], strict=True)]
+        self.val_accuracy.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=bs)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        answers = self._answers(batch)
+        return [
+            {"row": row, "completion": a, "reference": r, "exact_match": exact_match(a, r)}
+            for row, a, r in zip(batch["rows"], answers, batch["answers"], strict=True)
+        ]

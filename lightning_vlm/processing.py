@@ -1,0 +1,70 @@
+"""Processor loading that works with and without torchvision.
+
+In transformers 5.x the stock Qwen-VL processors hold a video processor that needs
+torchvision. Where torchvision is missing we build the same processor class without its video
+half (images and text behave exactly as in the stock class); where it is present users get the
+stock processor untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import transformers
+from transformers.utils import is_torchvision_available
+
+
+@functools.cache
+def image_only_processor(stock_name: str) -> type:
+    """The stock processor class ``stock_name`` minus its video processor."""
+    stock = getattr(transformers, stock_name)
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # The stock __init__ forwards (image, tokenizer, video) positionally to ProcessorMixin, which
+        # zips them with this signature's attributes, so the missing video processor is dropped.
+        stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(f"ImageOnly{stock_name}", (stock,), {"__init__": __init__, "__module__": __name__})
+
+
+def _processor_class_name(path: str, config) -> str:
+    local = Path(path) / "processor_config.json"
+    if local.is_file():
+        name = json.loads(local.read_text()).get("processor_class")
+        if name:
+            return name
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    if name is None:
+        raise ValueError(f"{path}: no processor class is known for model_type {config.model_type!r}")
+    return name
+
+
+def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs):
+    """Load the processor saved with a model (hub id or local folder).
+
+    Args:
+        path: Hub id or local folder.
+        config: The model's loaded config (used to find the processor class).
+        trust_remote_code: Allow custom code from the folder.
+        **kwargs: Image-processor settings such as ``min_pixels`` / ``max_pixels``.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    name = _processor_class_name(path, config)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    if not hasattr(transformers, name):
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    cls = image_only_processor(name)
+    return cls(image_processor, tokenizer, chat_template=tokenizer.chat_template or _read_template(path))
+
+
+def _read_template(path: str) -> str | None:
+    file = Path(path) / "chat_template.jinja"
+    return file.read_text() if file.is_file() else None
