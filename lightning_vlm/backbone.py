@@ -34,8 +34,8 @@ class LoraSettings:
         r: Rank of the adapters.
         alpha: Scaling numerator (the update is scaled by alpha / r).
         dropout: Dropout on the adapter input.
-        target_modules: Leaf names of the linear layers to adapt (e.g. ``[q_proj, v_proj]``), or
-            ``all-linear`` for every linear layer of the language model (never the LM head).
+        target_modules: Leaf names of the language model's linear layers to adapt (e.g.
+            ``[q_proj, v_proj]``), or ``all-linear`` for all of them (never the LM head).
     """
 
     r: int = 16
@@ -57,8 +57,8 @@ class BackboneConfig:
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ...
         trust_remote_code: Run custom code shipped with the checkpoint. Off unless you trust it.
         lora: LoRA settings; ``null`` trains the weights themselves.
-        vision: ``frozen`` (default), ``train`` (full weights) or ``lora`` (adapters on the vision
-            tower's linear layers too; needs ``lora``).
+        vision: ``frozen`` (default), ``train`` (full weights) or ``lora`` (adapters on every
+            linear layer of the vision tower too, whatever ``lora.target_modules`` says; needs ``lora``).
         gradient_checkpointing: Recompute activations in backward to save memory.
         logps_chunk_size: Target tokens per LM-head chunk when computing log-probs; bounds the
             logits held in memory to ``chunk x vocab``.
@@ -141,6 +141,7 @@ class VLMBackbone(nn.Module):
             kwargs["attn_implementation"] = cfg.attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(self.path, **kwargs)
         model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode; Lightning expects training mode
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.requires_grad_(cfg.lora is None)
@@ -151,7 +152,8 @@ class VLMBackbone(nn.Module):
             if cfg.vision == "train":
                 self._vision_of(model).requires_grad_(True)
         elif self.need_reference:
-            self._reference = copy.deepcopy(model).eval().requires_grad_(False)
+            # Bypass nn.Module registration: no state_dict entries, no optimiser parameters.
+            object.__setattr__(self, "_reference", copy.deepcopy(model).eval().requires_grad_(False))
         self.model = model
 
     def _add_lora(self, model: nn.Module) -> nn.Module:
@@ -162,17 +164,20 @@ class VLMBackbone(nn.Module):
         vision_ids = {id(m) for m in vision.modules()}
         head = model.get_output_embeddings()
         wanted = None if lora.target_modules == "all-linear" else set(lora.target_modules)
-        names = [
-            name
-            for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear)
-            and mod is not head
-            and (self.config.vision == "lora" or id(mod) not in vision_ids)
-            and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
-        ]
+        names = []
+        for name, mod in model.named_modules():
+            if not isinstance(mod, nn.Linear) or mod is head:
+                continue
+            if id(mod) in vision_ids:  # vision layer names differ per family: adapt them all
+                if self.config.vision == "lora":
+                    names.append(name)
+            elif wanted is None or name.rsplit(".", 1)[-1] in wanted:
+                names.append(name)
         if not names:
             raise ValueError(f"backbone.lora.target_modules: no linear layer matches {lora.target_modules!r}")
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names)
+        peft_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names
+        )
         return get_peft_model(model, peft_config)
 
     @staticmethod
@@ -182,7 +187,9 @@ class VLMBackbone(nn.Module):
             for attr in _VISION_ATTRS:
                 if owner is not None and isinstance(getattr(owner, attr, None), nn.Module):
                     return getattr(owner, attr)
-        raise ValueError(f"cannot find the vision tower of {type(base).__name__} (looked for {_VISION_ATTRS})")
+        raise ValueError(
+            f"cannot find the vision tower of {type(base).__name__} (looked for {_VISION_ATTRS})"
+        )
 
     @property
     def vision_tower(self) -> nn.Module:

@@ -79,23 +79,30 @@ class VLMDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.sources = {"train": train, "val": val, "predict": predict or val}
         self.columns = dict(columns or {})
+        self.synthetic = synthetic  # kept as given: hparams turns dataclasses into dicts
         self.processor = None  # taken from the model's backbone in setup(), or set by hand
         self.datasets: dict[str, Any] = {}
         self.skipped: dict[str, dict[str, int]] = {}
 
     def prepare_data(self) -> None:
-        syn = self.hparams.synthetic
+        syn = self.synthetic
         if syn is not None:
             from lightning_vlm.data.synthetic import write_synthetic
 
-            write_synthetic(syn.out, n_train=syn.n_train, n_val=syn.n_val, image_size=syn.image_size, seed=syn.seed)
+            write_synthetic(
+                syn.out, n_train=syn.n_train, n_val=syn.n_val, image_size=syn.image_size, seed=syn.seed
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
             if self.trainer is None or not hasattr(self.trainer.lightning_module, "backbone"):
-                raise RuntimeError("the datamodule needs a processor: attach it to a trainer or set .processor")
+                raise RuntimeError(
+                    "the datamodule needs a processor: attach it to a trainer or set .processor"
+                )
             self.processor = self.trainer.lightning_module.backbone.processor
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}.get(stage, ("train", "val"))
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}.get(
+            stage, ("train", "val")
+        )
         for split in wanted:
             if split not in self.datasets and self.sources[split]:
                 self.datasets[split] = self.load_split(self.sources[split])
@@ -152,4 +159,4 @@ class VLMDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "synthetic": asdict(self.hparams.synthetic) if self.hparams.synthetic else None}
+        return {"skipped": self.skipped, "synthetic": asdict(self.synthetic) if self.synthetic else None}

@@ -54,6 +54,10 @@ class SFT(VLMObjective):
         )
         return self.backbone.decode(ids)
 
+    def on_validation_epoch_start(self) -> None:
+        # A `validate` run before `fit` leaves inference-mode tensors in the metric state.
+        self.val_accuracy.reset()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, _ = self._loss(batch)
         bs = batch["input_ids"].shape[0]

@@ -1,0 +1,33 @@
+"""Shared fixtures: an isolated model cache, offline W&B, and small synthetic data built once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lightning_vlm.data.synthetic import write_synthetic
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    old = {k: os.environ.get(k) for k in ("LIGHTNING_VLM_CACHE", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")}
+    os.environ["LIGHTNING_VLM_CACHE"] = str(cache)
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_DIR"] = str(tmp_path_factory.mktemp("wandb"))
+    os.environ["WANDB_SILENT"] = "true"
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """A small synthetic dataset (all splits), written once per test session."""
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    write_synthetic(out, n_train=48, n_val=16, image_size=112, seed=0)
+    return out

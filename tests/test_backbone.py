@@ -1,0 +1,220 @@
+"""The VLM backbone: loading, trainable sets, completion-only log-probs, reference, families."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM, VLMBackbone
+from lightning_vlm.data import SFTDataModule
+from lightning_vlm.tiny import ensure_tiny_vlm
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+
+
+def _batch(backbone: VLMBackbone, synthetic_dir, n: int = 4) -> dict:
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), batch_size=n)
+    dm.processor = backbone.processor
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def _naive_logps(model, batch) -> torch.Tensor:
+    """Full-vocabulary logits for every position, then log-softmax and gather: the obvious way."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **batch["vision"])
+    logps = out.logits[:, :-1].float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    full = torch.zeros(batch["input_ids"].shape)
+    full[:, 1:] = logps
+    return full * batch["labels_mask"]
+
+
+@pytest.fixture(scope="module")
+def full_ft():
+    torch.manual_seed(0)
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(), logps_chunk_size=5))
+    bb.load()
+    return bb
+
+
+def test_chunked_logps_equal_naive_values_and_gradients(full_ft, synthetic_dir):
+    batch = _batch(full_ft, synthetic_dir)
+    assert batch["labels_mask"].sum() > 5  # several chunks of 5
+    ours = full_ft.token_logps(
+        batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"]
+    )
+    naive = _naive_logps(full_ft.model, batch)
+    assert torch.allclose(ours, naive, atol=1e-5)
+    assert (ours[~batch["labels_mask"]] == 0).all() and (ours[batch["labels_mask"]] < 0).all()
+
+    params = [p for p in full_ft.model.parameters() if p.requires_grad]
+    g_ours = torch.autograd.grad(ours.sum(), params, allow_unused=True)
+    naive = _naive_logps(full_ft.model, batch)
+    g_naive = torch.autograd.grad(naive.sum(), params, allow_unused=True)
+    for a, b in zip(g_ours, g_naive, strict=True):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_full_finetune_freezes_vision_only(full_ft):
+    vision = {id(p) for p in full_ft.vision_tower.parameters()}
+    for name, p in full_ft.model.named_parameters():
+        assert p.requires_grad == (id(p) not in vision), name
+
+
+@pytest.mark.parametrize(
+    "vision, lora_in_vision, vision_weights_train",
+    [("frozen", False, False), ("lora", True, False), ("train", False, True)],
+)
+def test_lora_trainable_set(vision, lora_in_vision, vision_weights_train):
+    bb = VLMBackbone(
+        BackboneConfig(
+            tiny=TinyVLM(), lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"]), vision=vision
+        )
+    )
+    bb.load()
+    vision_ids = {id(p) for p in bb.vision_tower.parameters()}
+    trainable = {n for n, p in bb.model.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if "lora_" in n}
+    assert lora and all(
+        n.split(".lora_")[0].endswith(("q_proj", "v_proj", "qkv")) or ".visual." in n for n in lora
+    )
+    assert not any("lm_head" in n or "embed_tokens" in n for n in trainable)
+    in_vision = {n for n, p in bb.model.named_parameters() if id(p) in vision_ids and "lora_" in n}
+    assert bool(in_vision) == lora_in_vision
+    base_vision_trainable = any(
+        p.requires_grad and "lora_" not in n for n, p in bb.model.named_parameters() if id(p) in vision_ids
+    )
+    assert base_vision_trainable == vision_weights_train
+    language_base = [
+        p for n, p in bb.model.named_parameters() if id(p) not in vision_ids and "lora_" not in n
+    ]
+    assert not any(p.requires_grad for p in language_base)
+
+
+def test_lora_reference_is_the_base_model_and_stays_fixed(synthetic_dir):
+    torch.manual_seed(0)
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(), lora=LoraSettings(r=4)), need_reference=True)
+    bb.load()
+    assert bb._reference is None  # LoRA: no second copy of the weights
+    batch = _batch(bb, synthetic_dir)
+    args = (batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"])
+    with bb.reference() as ref:
+        before = bb.token_logps(*args, model=ref)
+    opt = torch.optim.SGD([p for p in bb.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):
+        (-bb.token_logps(*args).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    with bb.reference() as ref:
+        after = bb.token_logps(*args, model=ref)
+    policy = bb.token_logps(*args)
+    assert torch.allclose(before, after, atol=1e-6)
+    assert not torch.allclose(policy, after, atol=1e-3)
+
+
+def test_full_reference_is_a_frozen_copy(synthetic_dir):
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM()), need_reference=True)
+    bb.load()
+    assert bb._reference is not None
+    assert not any(p.requires_grad for p in bb._reference.parameters())
+    assert not any(k.startswith("_reference") for k in bb.state_dict())
+    batch = _batch(bb, synthetic_dir)
+    args = (batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"])
+    with bb.reference() as ref:
+        before = bb.token_logps(*args, model=ref)
+    opt = torch.optim.SGD([p for p in bb.parameters() if p.requires_grad], lr=1.0)
+    (-bb.token_logps(*args).sum()).backward()
+    opt.step()
+    with bb.reference() as ref:
+        assert torch.allclose(before, bb.token_logps(*args, model=ref))
+    bb.to(torch.float64)  # the hidden copy follows dtype/device moves
+    assert next(bb._reference.parameters()).dtype == torch.float64
+
+
+def test_no_reference_unless_asked():
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM()))
+    bb.load()
+    with pytest.raises(RuntimeError, match="need_reference"), bb.reference():
+        pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_loads_from_saved_folder_and_trains_a_step(family, synthetic_dir):
+    folder = ensure_tiny_vlm(TinyVLM(family=family))
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    stock = json.loads((folder / "processor_config.json").read_text())["processor_class"]
+    assert stock.startswith("Qwen")  # users with torchvision get the family's own processor class
+    torch.manual_seed(0)
+    bb = VLMBackbone(BackboneConfig(model_name_or_path=str(folder), vision="train"))
+    bb.load()
+    assert type(bb.model).__name__.lower().startswith(family.replace("_", "")[:5])
+    batch = _batch(bb, synthetic_dir)
+    before = {n: p.detach().clone() for n, p in bb.model.named_parameters()}
+    opt = torch.optim.SGD(bb.parameters(), lr=0.1)
+    args = (batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"])
+    loss = -bb.token_logps(*args).sum() / batch["labels_mask"].sum()
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in bb.model.named_parameters() if not torch.equal(before[n], p)}
+    assert any(".visual." in n or "visual." in n for n in changed)  # the image reached the loss
+    assert any("lm_head" in n for n in changed)
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), val=str(synthetic_dir / "sft_val.jsonl"))
+    dm.processor = bb.processor
+    dm.setup("validate")
+    p = next(iter(dm.val_dataloader()))["prompt"]
+    ids = bb.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=3)
+    assert ids.shape[0] == p["input_ids"].shape[0] and 1 <= ids.shape[1] <= 3
+
+
+def test_generate_returns_completions_only(full_ft, synthetic_dir):
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), val=str(synthetic_dir / "sft_val.jsonl"))
+    dm.processor = full_ft.processor
+    dm.setup("fit")
+    p = next(iter(dm.val_dataloader()))["prompt"]
+    ids = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=3)
+    assert ids.shape == (p["input_ids"].shape[0], 3) or ids.shape[1] < 3
+    again = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=3)
+    assert torch.equal(ids, again)  # greedy is deterministic
+    sampled = full_ft.generate(
+        p["input_ids"],
+        p["attention_mask"],
+        p["vision"],
+        max_new_tokens=3,
+        do_sample=True,
+        num_return_sequences=2,
+    )
+    assert sampled.shape[0] == 2 * p["input_ids"].shape[0]
+
+
+def test_not_a_vlm_folder_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "text_only"
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=50,
+        )
+    ).save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"text_only.*'llama' is not a vision-language model"):
+        VLMBackbone(BackboneConfig(model_name_or_path=str(folder)))
+
+
+def test_missing_or_empty_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder at"):
+        VLMBackbone(BackboneConfig(model_name_or_path=str(tmp_path / "nope")))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        VLMBackbone(BackboneConfig(model_name_or_path=str(tmp_path)))
+    with pytest.raises(ValueError, match="exactly one"):
+        VLMBackbone(BackboneConfig())
+    with pytest.raises(ValueError, match="needs backbone.lora"):
+        VLMBackbone(BackboneConfig(tiny=TinyVLM(), vision="lora"))
