@@ -7,6 +7,7 @@ the ``__row`` column so that errors raised later (in DataLoader workers) can nam
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +40,10 @@ def load_source(source: str, columns: dict[str, str], required: tuple[str, ...])
     elif suffix in (".jsonl", ".json", ".parquet", ".arrow"):
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {source}")
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}[suffix]
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        if suffix in (".jsonl", ".json"):
+            ds = datasets.Dataset.from_list(read_json_rows(path))
+        else:
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
         base = str(path.parent.resolve())
     else:
         name, _, split = source.partition(":")
@@ -51,14 +54,51 @@ def load_source(source: str, columns: dict[str, str], required: tuple[str, ...])
     renames = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
     for theirs in renames:
         if theirs not in ds.column_names:
-            raise KeyError(f"{source}: column mapping names {theirs!r}, but the columns are {ds.column_names}")
+            raise KeyError(
+                f"{source}: column mapping names {theirs!r}, but the columns are {ds.column_names}"
+            )
     ds = ds.rename_columns(renames)
     for col in required:
         if col not in ds.column_names:
-            hint = " (map it with data.columns)" if columns is not None else ""
+            hint = "" if columns else " (map it with data.columns)"
             raise KeyError(f"{source}: missing column {col!r}{hint}; the columns are {ds.column_names}")
     ds = ds.add_column(ROW, list(range(len(ds))))
     return ds.add_column(BASE, [base] * len(ds))
+
+
+def read_json_rows(path: Path) -> list[dict]:
+    """Read a .jsonl (or a .json list) and give every chat message list-of-parts content.
+
+    Arrow needs one type per column; a file mixing ``"content": "2"`` and ``"content": [parts]``
+    would otherwise be stored as JSON text and read back as the integer 2.
+    """
+    text = path.read_text()
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise BadRowError(f"{path}: line {line_no} is not valid JSON: {err}") from err
+    for row in rows:
+        for key, value in row.items():
+            if (
+                isinstance(value, list)
+                and value
+                and all(isinstance(m, dict) and "content" in m for m in value)
+            ):
+                row[key] = [_parts(m) for m in value]
+    return rows
+
+
+def _parts(message: dict) -> dict:
+    content = message["content"]
+    if isinstance(content, str):
+        return {**message, "content": [{"type": "text", "text": content}]}
+    return message
 
 
 def as_list(images: Any) -> list:
@@ -83,7 +123,9 @@ def open_image(ref: Any, base: str, row: int, decode: bool = True) -> Image.Imag
         else:
             path = ref.get("path") if isinstance(ref, dict) else ref
             if not isinstance(path, str):
-                raise BadRowError(f"row {row}: field 'images': expected a path, bytes or image, got {type(ref).__name__}")
+                raise BadRowError(
+                    f"row {row}: field 'images': expected a path, bytes or image, got {type(ref).__name__}"
+                )
             full = Path(base) / path
             img = Image.open(full)
         if not decode:
@@ -103,7 +145,7 @@ def count_image_parts(messages: Any, row: int, field: str) -> int:
         raise BadRowError(f"row {row}: field {field!r}: expected a non-empty list of messages")
     n = 0
     for k, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        if not isinstance(msg, dict) or msg.get("role") is None or msg.get("content") is None:
             raise BadRowError(f"row {row}: field {field!r}: message {k} needs 'role' and 'content'")
         content = msg["content"]
         if isinstance(content, str):
