@@ -48,7 +48,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._file = path.open("w")
         self.written = path
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
         for row in prediction:
             self._file.write(json.dumps(row) + "\n")
 
@@ -92,7 +94,9 @@ class VLMCLI(LightningCLI):
         if self.trainer.is_global_zero:
             print("\nheld-out metrics     before      after")
             for key in sorted(set(self._before) | set(after)):
-                print(f"  {key:<16} {self._before.get(key, float('nan')):>10.4f} {after.get(key, float('nan')):>10.4f}")
+                print(
+                    f"  {key:<16} {self._before.get(key, float('nan')):>10.4f} {after.get(key, float('nan')):>10.4f}"
+                )
 
 
 def main(args: list[str] | None = None) -> None:

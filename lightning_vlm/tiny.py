@@ -185,7 +185,11 @@ def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
     config = _config(spec, tokenizer)
     patch = 16 if spec.family.startswith("qwen3") else 14
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=spec.min_pixels,
+        max_pixels=spec.max_pixels,
     )
     stock = _STOCK_PROCESSOR[spec.family]
     processor = image_only_processor(stock)(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lightning_vlm.data.rows import BadRowError, as_list, check_rows, load_source, open_image
 
@@ -151,12 +151,48 @@ class VLMDataModule(L.LightningDataModule):
         return DataLoader(
             self.datasets[split],
             batch_size=h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size),
-            shuffle=shuffle,
             num_workers=h.num_workers,
             collate_fn=collate,
             persistent_workers=h.num_workers > 0,
-            generator=torch.Generator().manual_seed(h.seed) if shuffle else None,
+            sampler=self._sampler if shuffle else None,
         )
 
+    @property
+    def _sampler(self) -> ResumableSampler:
+        if getattr(self, "_train_sampler", None) is None:
+            self._train_sampler = ResumableSampler(len(self.datasets["train"]), self.hparams.seed)
+            self._train_sampler.skip = getattr(self, "_resume_skip", 0)
+        return self._train_sampler
+
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "synthetic": asdict(self.synthetic) if self.synthetic else None}
+        """Saved in checkpoints: how many training rows of the current epoch were used."""
+        state: dict[str, Any] = {"skipped": self.skipped}
+        if self.trainer is not None and self.trainer.training:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["rows_used_in_epoch"] = done * self.hparams.batch_size
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_skip = state.get("rows_used_in_epoch", 0)
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded permutation per epoch that can skip the rows an interrupted epoch already used,
+    so a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        # The full epoch: Lightning sizes every epoch from the first len(); a resumed epoch just ends early.
+        return self.n

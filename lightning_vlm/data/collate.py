@@ -18,7 +18,9 @@ TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return processor.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def assistant_spans(processor, messages: list[dict], row: int) -> tuple[str, list[tuple[int, int]]]:
@@ -36,7 +38,9 @@ def assistant_spans(processor, messages: list[dict], row: int) -> tuple[str, lis
         start = len(render(processor, messages[:i], add_generation_prompt=True)) if i else 0
         end_text = render(processor, messages[: i + 1])
         if not text.startswith(end_text):
-            raise BadRowError(f"row {row}: the chat template does not render conversation prefixes as prefixes")
+            raise BadRowError(
+                f"row {row}: the chat template does not render conversation prefixes as prefixes"
+            )
         spans.append((start, len(end_text.rstrip())))
     if not spans:
         raise BadRowError(f"row {row}: field 'messages': no assistant turn to learn from")
@@ -67,7 +71,12 @@ def _label_mask(processor, text: str, spans, expanded: list[int], row: int) -> l
 def encode(processor, texts: list[str], images: list, **kwargs) -> dict[str, Any]:
     """Run the processor on a batch; split text tensors from the one vision dict."""
     enc = processor(
-        text=texts, images=images or None, padding=True, add_special_tokens=False, return_tensors="pt", **kwargs
+        text=texts,
+        images=images or None,
+        padding=True,
+        add_special_tokens=False,
+        return_tensors="pt",
+        **kwargs,
     )
     batch = {k: enc[k] for k in TEXT_KEYS}
     batch["vision"] = {k: v for k, v in enc.items() if k not in TEXT_KEYS}
@@ -78,7 +87,11 @@ def strip_final_answer(messages: list[dict]) -> tuple[list[dict], str]:
     """Split a conversation into the prompt (all but the last assistant turn) and that turn's text."""
     last = messages[-1]
     content = last["content"]
-    answer = content if isinstance(content, str) else "".join(p["text"] for p in content if p.get("type") == "text")
+    answer = (
+        content
+        if isinstance(content, str)
+        else "".join(p["text"] for p in content if p.get("type") == "text")
+    )
     return messages[:-1], answer
 
 

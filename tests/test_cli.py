@@ -1,0 +1,196 @@
+"""The lightning-vlm command: recipes parse, typos fail naming the key, fit/validate/predict run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_vlm.cli import VLMCLI, main
+from lightning_vlm.tiny import TinyVLM, ensure_tiny_vlm
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "zoo" / "tiny_qwen2vl_sft.yaml"
+
+
+def _tiny_args(tmp_path: Path, synthetic_dir: Path, *extra: str) -> list[str]:
+    """The offline tiny recipe, pointed at the test's synthetic data and a temporary run folder."""
+    return [
+        "--config", str(TINY),
+        "--trainer.max_steps", "4",
+        "--trainer.val_check_interval", "2",
+        "--report_held_out", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "checkpoints"),
+        "--trainer.callbacks.init_args.every_n_train_steps", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--data.init_args.synthetic", "null",
+        "--data.init_args.train", str(synthetic_dir / "sft_train.jsonl"),
+        "--data.init_args.val", str(synthetic_dir / "sft_val.jsonl"),
+        "--data.init_args.num_workers", "0",
+        "--data.init_args.eval_batch_size", "16",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "zoo").glob("*.yaml")))
+def test_every_zoo_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(ROOT / "zoo" / recipe), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("lightning_vlm.objectives.")
+    assert printed["data"]["class_path"].startswith("lightning_vlm.data.")
+
+
+@pytest.mark.parametrize("fragment", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_hardware_fragment_stacks_on_a_recipe(fragment, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(TINY), "--config", str(ROOT / "configs" / fragment), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    wanted = yaml.safe_load((ROOT / "configs" / fragment).read_text())["trainer"]
+    assert printed["trainer"]["precision"] == wanted["precision"]
+
+
+@pytest.mark.parametrize(
+    "where, key",
+    [
+        ("model.init_args.backbone.tiny", "hiden_size"),
+        ("model.init_args.backbone", "lora_rank"),
+        ("model.init_args", "learning_rate"),
+        ("data.init_args", "batchsize"),
+    ],
+)
+def test_typo_in_any_nested_key_fails_at_parse_time_naming_it(where, key, tmp_path, capsys):
+    config = yaml.safe_load(TINY.read_text())
+    node = config
+    for part in where.split("."):
+        node = node[part]
+    node[key] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_.value.code not in (0, None)
+    assert key in capsys.readouterr().err
+
+
+def test_help_documents_arguments(capsys):
+    with pytest.raises(SystemExit):
+        main(
+            ["fit", "--model", "lightning_vlm.objectives.SFT", "--model.help", "lightning_vlm.objectives.SFT"]
+        )
+    out = capsys.readouterr().out
+    assert "Tokens generated per held-out answer" in out  # from the SFT docstring
+    assert "Peak learning rate" in out  # inherited from the shared base
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "fit" in capsys.readouterr().out
+
+
+def _initial_weights() -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForImageTextToText
+
+    folder = ensure_tiny_vlm(TinyVLM(family="qwen2_vl", hidden_size=128, num_layers=2))
+    return dict(AutoModelForImageTextToText.from_pretrained(folder).named_parameters())
+
+
+def test_fit_tiny_recipe_trains_reports_and_saves(tmp_path, synthetic_dir, capsys):
+    args = _tiny_args(
+        tmp_path, synthetic_dir, "--model.init_args.backbone.vision", "frozen", "--report_held_out", "true"
+    )
+    cli = VLMCLI(args=["fit", *args])
+    out = capsys.readouterr().out
+    assert "held-out metrics" in out and "val/accuracy" in out
+    assert cli.trainer.global_step == 4
+
+    initial = _initial_weights()
+    model = cli.model.backbone.model
+    trained = {n: p for n, p in model.named_parameters()}
+    vision = {n for n in trained if n.startswith("model.visual.")}
+    assert vision and all(torch.equal(trained[n], initial[n]) for n in vision)  # frozen stayed put
+    language = [n for n in trained if n not in vision]
+    changed = [n for n in language if not torch.equal(trained[n], initial[n])]
+    assert len(changed) == len(language)  # every trainable tensor moved
+
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["model"]["init_args"]["backbone"]["vision"] == "frozen"  # resolved config saved
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert keys == {f"backbone.model.{n}" for n in language}  # trainable weights only
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B wrote an offline run"
+
+
+def test_validate_and_predict_from_checkpoint(tmp_path, synthetic_dir, capsys):
+    VLMCLI(args=["fit", *_tiny_args(tmp_path, synthetic_dir)])
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    cli = VLMCLI(args=["validate", *_tiny_args(tmp_path, synthetic_dir), "--ckpt_path", str(ckpt)])
+    metrics = cli.trainer.callback_metrics
+    assert 0.0 <= float(metrics["val/accuracy"]) <= 1.0 and float(metrics["val/loss"]) > 0
+
+    out_file = tmp_path / "preds.jsonl"
+    VLMCLI(
+        args=[
+            "predict",
+            *_tiny_args(tmp_path, synthetic_dir),
+            "--ckpt_path",
+            str(ckpt),
+            "--predictions.path",
+            str(out_file),
+        ]
+    )
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    val = [json.loads(line) for line in (synthetic_dir / "sft_val.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == list(range(len(val)))
+    assert [r["reference"] for r in rows] == [v["messages"][-1]["content"][0]["text"] for v in val]
+    assert all(isinstance(r["completion"], str) for r in rows)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, synthetic_dir):
+    """2 steps, stop, resume to 5 (crossing an epoch of 3 batches) == 5 steps straight through."""
+    straight = VLMCLI(args=["fit", *_tiny_args(tmp_path / "a", synthetic_dir, "--trainer.max_steps", "5")])
+    VLMCLI(args=["fit", *_tiny_args(tmp_path / "b", synthetic_dir, "--trainer.max_steps", "2")])
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    resumed = VLMCLI(
+        args=[
+            "fit",
+            *_tiny_args(tmp_path / "c", synthetic_dir, "--trainer.max_steps", "5"),
+            "--ckpt_path",
+            str(ckpt),
+        ]
+    )
+    assert resumed.trainer.global_step == 5
+    a = straight.model.state_dict()
+    b = resumed.model.state_dict()
+    trainable = set(straight.model.trainable_named_parameters())
+    assert trainable and all(torch.equal(a[k], b[k]) for k in trainable)
+
+
+def test_real_recipe_instantiates_against_a_saved_tiny_folder(tmp_path, synthetic_dir):
+    folder = ensure_tiny_vlm(TinyVLM(family="qwen2_vl"))
+    cli = VLMCLI(
+        args=[
+            "--config", str(ROOT / "zoo" / "qwen2vl_sft.yaml"),
+            "--model.init_args.backbone.model_name_or_path", str(folder),
+            "--trainer.accelerator", "cpu",
+            "--trainer.precision", "32-true",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--data.init_args.train", str(synthetic_dir / "sft_train.jsonl"),
+            "--data.init_args.val", str(synthetic_dir / "sft_val.jsonl"),
+        ],
+        run=False,
+    )  # fmt: skip
+    backbone = cli.model.backbone
+    cli.model.configure_model()
+    trainable = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert backbone.model.is_gradient_checkpointing
+    assert backbone.processor.image_processor.size["longest_edge"] == 1003520
+    assert cli.trainer.accumulate_grad_batches == 4
