@@ -194,3 +194,32 @@ def test_real_recipe_instantiates_against_a_saved_tiny_folder(tmp_path, syntheti
     assert backbone.model.is_gradient_checkpointing
     assert backbone.processor.image_processor.size["longest_edge"] == 1003520
     assert cli.trainer.accumulate_grad_batches == 4
+
+
+@pytest.mark.parametrize(
+    "logger, produced",
+    [
+        ("lightning.pytorch.loggers.CSVLogger", "**/metrics.csv"),
+        ("lightning.pytorch.loggers.TensorBoardLogger", "**/events.out.tfevents.*"),
+    ],
+)
+def test_csv_and_tensorboard_loggers_work(logger, produced, tmp_path, synthetic_dir):
+    override = tmp_path / "logger.yaml"
+    override.write_text(
+        yaml.safe_dump(
+            {"trainer": {"logger": {"class_path": logger, "init_args": {"save_dir": str(tmp_path / "logs")}}}}
+        )
+    )
+    VLMCLI(
+        args=[
+            "fit",
+            *_tiny_args(tmp_path, synthetic_dir, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1"),
+            "--config",
+            str(override),
+        ]
+    )
+    files = list((tmp_path / "logs").glob(produced))
+    assert files, f"{logger} wrote nothing"
+    if produced.endswith(".csv"):
+        text = files[0].read_text()
+        assert "train/loss" in text and "val/accuracy" in text

@@ -183,7 +183,10 @@ def check_rows(
             n, err = 0, str(e)
         return {"__len": n, "__err": err}
 
-    checked = ds.map(run, num_proc=num_proc, desc=f"checking {Path(source).name}")
+    # No cache: a fixed image or file must be re-checked on the next run.
+    checked = ds.map(
+        run, num_proc=num_proc, load_from_cache_file=False, keep_in_memory=True, desc=f"checking {Path(source).name}"
+    )
     counts: Counter[str] = Counter()
     keep = []
     for i, (n, err) in enumerate(zip(checked["__len"], checked["__err"], strict=True)):

@@ -47,6 +47,8 @@ class VLMObjective(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # Under LightningCLI hparams hold the parsed config, not the callables: keep these.
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.backbone = VLMBackbone(backbone, need_reference=self.need_reference)
         self.nonfinite_steps = 0  # consecutive
         self.nonfinite_total = 0
@@ -67,7 +69,7 @@ class VLMObjective(L.LightningModule):
             return loss
         self.nonfinite_steps += 1
         self.nonfinite_total += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        self.log("train/nonfinite_total", float(self.nonfinite_total))
         if self.nonfinite_steps >= self.hparams.max_nonfinite_steps:
             raise RuntimeError(
                 f"{self.nonfinite_steps} consecutive non-finite losses at step {self.global_step}: stopping "
@@ -79,12 +81,12 @@ class VLMObjective(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        if h.optimizer is not None:
-            opt = h.optimizer(params)
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(params)
         else:
             opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
-        if h.lr_scheduler is not None:
-            sched = h.lr_scheduler(opt)
+        if self.scheduler_factory is not None:
+            sched = self.scheduler_factory(opt)
         else:
             total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(h.schedule, h.warmup_steps, total))
