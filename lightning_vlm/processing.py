@@ -29,6 +29,18 @@ def image_only_processor(stock_name: str) -> type:
     return type(f"ImageOnly{stock_name}", (stock,), {"__init__": __init__, "__module__": __name__})
 
 
+def save_processor(processor, folder: str | Path) -> None:
+    """``save_pretrained``, but an image-only processor records its stock class name, so that the
+    folder loads with the family's own processor wherever torchvision is installed."""
+    processor.save_pretrained(folder)
+    stock = type(processor).__name__.removeprefix("ImageOnly")
+    cfg_path = Path(folder) / "processor_config.json"
+    if stock != type(processor).__name__ and cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        cfg["processor_class"] = stock
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def _processor_class_name(path: str, config) -> str:
     local = Path(path) / "processor_config.json"
     if local.is_file():

@@ -178,7 +178,7 @@ def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
     from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from lightning_vlm.processing import image_only_processor
+    from lightning_vlm.processing import image_only_processor, save_processor
 
     out_dir = Path(out_dir)
     tokenizer = _train_tokenizer(spec.vocab_size)
@@ -199,12 +199,7 @@ def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    # Name the stock processor so that users with torchvision load the family's own class.
-    cfg_path = out_dir / "processor_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["processor_class"] = stock
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    save_processor(processor, out_dir)
     (out_dir / "tiny_vlm.json").write_text(json.dumps(asdict(spec), indent=2))
     return out_dir
 

@@ -18,15 +18,28 @@ TINY = ROOT / "zoo" / "tiny_qwen2vl_sft.yaml"
 
 def _tiny_args(tmp_path: Path, synthetic_dir: Path, *extra: str) -> list[str]:
     """The offline tiny recipe, pointed at the test's synthetic data and a temporary run folder."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        {"class_path": "lightning_vlm.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / "hf")}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(tmp_path / "checkpoints"),
+                "every_n_train_steps": 2,
+                "save_last": True,
+            },
+        },
+    ]
+    override = tmp_path / "test_overrides.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     return [
         "--config", str(TINY),
+        "--config", str(override),
         "--trainer.max_steps", "4",
         "--trainer.val_check_interval", "2",
         "--report_held_out", "false",
         "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "checkpoints"),
-        "--trainer.callbacks.init_args.every_n_train_steps", "2",
         "--trainer.enable_progress_bar", "false",
         "--data.init_args.synthetic", "null",
         "--data.init_args.train", str(synthetic_dir / "sft_train.jsonl"),
@@ -123,6 +136,7 @@ def test_fit_tiny_recipe_trains_reports_and_saves(tmp_path, synthetic_dir, capsy
     keys = set(ckpt["state_dict"])
     assert keys == {f"backbone.model.{n}" for n in language}  # trainable weights only
     assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B wrote an offline run"
+    assert (tmp_path / "hf" / "config.json").is_file()  # ExportHF from the recipe
 
 
 def test_validate_and_predict_from_checkpoint(tmp_path, synthetic_dir, capsys):
@@ -213,7 +227,9 @@ def test_csv_and_tensorboard_loggers_work(logger, produced, tmp_path, synthetic_
     VLMCLI(
         args=[
             "fit",
-            *_tiny_args(tmp_path, synthetic_dir, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1"),
+            *_tiny_args(
+                tmp_path, synthetic_dir, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1"
+            ),
             "--config",
             str(override),
         ]
