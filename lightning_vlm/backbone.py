@@ -143,7 +143,11 @@ class VLMBackbone(nn.Module):
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode; Lightning expects training mode
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            ckpt = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
         model.requires_grad_(cfg.lora is None)
         if cfg.lora is None and cfg.vision == "frozen":
             self._vision_of(model).requires_grad_(False)

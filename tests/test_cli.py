@@ -205,7 +205,7 @@ def test_real_recipe_instantiates_against_a_saved_tiny_folder(tmp_path, syntheti
     assert trainable and all("lora_" in n for n in trainable)
     targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert backbone.model.is_gradient_checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) for m in backbone.model.modules())
     assert backbone.processor.image_processor.size["longest_edge"] == 1003520
     assert cli.trainer.accumulate_grad_batches == 4
 

@@ -185,7 +185,11 @@ def check_rows(
 
     # No cache: a fixed image or file must be re-checked on the next run.
     checked = ds.map(
-        run, num_proc=num_proc, load_from_cache_file=False, keep_in_memory=True, desc=f"checking {Path(source).name}"
+        run,
+        num_proc=num_proc,
+        load_from_cache_file=False,
+        keep_in_memory=True,
+        desc=f"checking {Path(source).name}",
     )
     counts: Counter[str] = Counter()
     keep = []
