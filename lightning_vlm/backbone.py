@@ -52,8 +52,9 @@ class BackboneConfig:
         model_name_or_path: Hub id (e.g. ``Qwen/Qwen2-VL-2B-Instruct``) or local folder.
         tiny: Build a tiny random-initialised VLM offline instead (cached on disk) and load it
             like any checkpoint. Exactly one of ``model_name_or_path`` and ``tiny`` is set.
-        dtype: Dtype of the loaded weights; ``auto`` keeps the checkpoint's. Use ``float32`` with
-            ``bf16-mixed`` precision so trainable weights stay in fp32.
+        dtype: Dtype of the loaded weights; ``auto`` keeps the checkpoint's. Full fine-tuning with
+            ``bf16-mixed`` precision wants ``float32`` (fp32 master weights); under LoRA ``bfloat16``
+            halves the frozen weights' memory while peft keeps the adapters in fp32.
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ...
         trust_remote_code: Run custom code shipped with the checkpoint. Off unless you trust it.
         lora: LoRA settings; ``null`` trains the weights themselves.
@@ -75,6 +76,18 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     logps_chunk_size: int = 1024
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def as_backbone_config(value: BackboneConfig | dict) -> BackboneConfig:
+    """Accept the dataclass or its dict form (as stored in checkpoint hyperparameters)."""
+    if isinstance(value, BackboneConfig):
+        return value
+    value = dict(value)
+    if isinstance(value.get("tiny"), dict):
+        value["tiny"] = TinyVLM(**value["tiny"])
+    if isinstance(value.get("lora"), dict):
+        value["lora"] = LoraSettings(**value["lora"])
+    return BackboneConfig(**value)
 
 
 def _resolve(config: BackboneConfig) -> str:
@@ -104,14 +117,14 @@ def _check_is_vlm(path: str, trust_remote_code: bool):
 
 
 class VLMBackbone(nn.Module):
-    """Load and wrap one VLM. The processor loads at once; the weights in :meth:`load`.
-
-    Args:
-        config: What to load and how to train it (see :class:`BackboneConfig`).
-        need_reference: Keep a reference policy (frozen copy, or disabled adapters under LoRA).
-    """
+    """Load and wrap one VLM. The processor loads at once; the weights in :meth:`load`."""
 
     def __init__(self, config: BackboneConfig, need_reference: bool = False):
+        """
+        Args:
+            config: What to load and how to train it (see :class:`BackboneConfig`).
+            need_reference: Keep a reference policy (frozen copy, or disabled adapters under LoRA).
+        """
         super().__init__()
         if config.vision == "lora" and config.lora is None:
             raise ValueError("backbone.vision: 'lora' needs backbone.lora settings")
@@ -122,6 +135,11 @@ class VLMBackbone(nn.Module):
         self.processor = load_processor(
             self.path, self.hf_config, config.trust_remote_code, **config.processor_kwargs
         )
+        # token_logps applies the LM head itself, so it must repeat what the model does to logits.
+        text_config = self.hf_config.get_text_config()
+        self.logit_softcap = getattr(text_config, "final_logit_softcapping", None)
+        if getattr(text_config, "logit_scale", None) not in (None, 1.0):
+            raise NotImplementedError(f"{self.path}: logit_scale is not supported by token_logps yet")
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # one padding side for training and generation
         self.model: nn.Module | None = None
@@ -153,8 +171,6 @@ class VLMBackbone(nn.Module):
             self._vision_of(model).requires_grad_(False)
         if cfg.lora is not None:
             model = self._add_lora(model)
-            if cfg.vision == "train":
-                self._vision_of(model).requires_grad_(True)
         elif self.need_reference:
             # Bypass nn.Module registration: no state_dict entries, no optimiser parameters.
             object.__setattr__(self, "_reference", copy.deepcopy(model).eval().requires_grad_(False))
@@ -179,10 +195,22 @@ class VLMBackbone(nn.Module):
                 names.append(name)
         if not names:
             raise ValueError(f"backbone.lora.target_modules: no linear layer matches {lora.target_modules!r}")
+        # vision: train under LoRA trains a copy of the tower (peft's modules_to_save), so that the
+        # disabled-adapter reference still sees the original tower and adapter exports include it.
+        keep = [self._vision_name(model)] if self.config.vision == "train" else None
         peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=names,
+            modules_to_save=keep,
         )
         return get_peft_model(model, peft_config)
+
+    @classmethod
+    def _vision_name(cls, model: nn.Module) -> str:
+        tower = cls._vision_of(model)
+        return next(name for name, mod in model.named_modules() if mod is tower)
 
     @staticmethod
     def _vision_of(model: nn.Module) -> nn.Module:
@@ -244,7 +272,7 @@ class VLMBackbone(nn.Module):
         chunk = max(1, self.config.logps_chunk_size)
         parts = []
         for start in range(0, h.shape[0], chunk):
-            args = (h[start : start + chunk], y[start : start + chunk], head)
+            args = (h[start : start + chunk], y[start : start + chunk], head, self.logit_softcap)
             if torch.is_grad_enabled() and h.requires_grad:
                 parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
@@ -282,22 +310,26 @@ class VLMBackbone(nn.Module):
     ) -> torch.Tensor:
         """Generate from left-padded prompts; returns (B * num_return_sequences, N) completion ids.
 
-        Generation stops at the tokenizer's EOS; finished rows are padded with the pad token.
+        Only the settings given here apply: the checkpoint's own ``generation_config`` (repetition
+        penalty, default temperature, ...) is replaced, so evaluation is plain greedy and sampling is
+        exactly what the objective asked for. Generation stops at the tokenizer's EOS; finished rows
+        are padded with the pad token.
         """
-        was_training = self.model.training
-        self.model.eval()
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **vision,
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             num_return_sequences=num_return_sequences,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
-            **sampling,
+            **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
+        )
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **vision, generation_config=config
         )
         self.model.train(was_training)
         return out[:, input_ids.shape[1] :]
@@ -306,6 +338,8 @@ class VLMBackbone(nn.Module):
         return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
 
-def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: nn.Module) -> torch.Tensor:
+def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: nn.Module, softcap: float | None) -> torch.Tensor:
     logits = head(h).float()  # (n, V)
+    if softcap:  # Gemma-style final logit soft-capping
+        logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)

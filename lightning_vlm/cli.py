@@ -23,19 +23,24 @@ from lightning_vlm.objectives.base import VLMObjective
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Save the resolved config to the run folder and hand it to the logger too."""
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Only fit saves: validate/predict would overwrite the run's config with their own.
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if trainer.logger is not None:
             trainer.logger.log_hyperparams(json.loads(self.parser.dump(self.config, format="json")))
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Write ``predict`` outputs (one JSON object per row) to a JSONL file.
-
-    Args:
-        path: Output file; defaults to ``predictions.jsonl`` in the run's log folder.
-    """
+    """Write ``predict`` outputs (one JSON object per row) to a JSONL file."""
 
     def __init__(self, path: str | None = None):
+        """
+        Args:
+            path: Output file; defaults to ``predictions.jsonl`` in the run's log folder.
+        """
         super().__init__(write_interval="batch")
         self.path = path
         self._file = None
@@ -80,12 +85,17 @@ class VLMCLI(LightningCLI):
         )
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
-    def _held_out(self) -> dict[str, float]:
-        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+    def _held_out(self, ckpt_path: str | None = None) -> dict[str, float]:
+        results = self.trainer.validate(
+            self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False
+        )
         return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     def before_fit(self) -> None:
-        self._before = self._held_out() if self.config.fit.report_held_out else None
+        fit = self.config.fit
+        self._before = (
+            self._held_out(fit.ckpt_path) if fit.report_held_out else None
+        )  # resumed: from the checkpoint
 
     def after_fit(self) -> None:
         if self._before is None or self.trainer.interrupted:

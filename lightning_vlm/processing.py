@@ -15,6 +15,8 @@ from pathlib import Path
 import transformers
 from transformers.utils import is_torchvision_available
 
+_PREFIX = "ImageOnly"
+
 
 @functools.cache
 def image_only_processor(stock_name: str) -> type:
@@ -26,14 +28,25 @@ def image_only_processor(stock_name: str) -> type:
         # zips them with this signature's attributes, so the missing video processor is dropped.
         stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(f"ImageOnly{stock_name}", (stock,), {"__init__": __init__, "__module__": __name__})
+    name = f"{_PREFIX}{stock_name}"
+    cls = type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    globals()[name] = cls  # findable by name, so processors pickle into spawned DataLoader workers
+    return cls
+
+
+def __getattr__(name: str):
+    # Unpickling in a fresh process looks the class up here before anything has built it.
+    if name.startswith(_PREFIX) and hasattr(transformers, name[len(_PREFIX) :]):
+        return image_only_processor(name[len(_PREFIX) :])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def save_processor(processor, folder: str | Path) -> None:
     """``save_pretrained``, but an image-only processor records its stock class name, so that the
-    folder loads with the family's own processor wherever torchvision is installed."""
+    folder loads with the family's own processor wherever torchvision is installed.
+    """
     processor.save_pretrained(folder)
-    stock = type(processor).__name__.removeprefix("ImageOnly")
+    stock = type(processor).__name__.removeprefix(_PREFIX)
     cfg_path = Path(folder) / "processor_config.json"
     if stock != type(processor).__name__ and cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_vlm.data.rows import BadRowError, as_list, check_rows, load_source, open_image
 
@@ -35,27 +36,7 @@ class SyntheticData:
 
 
 class VLMDataModule(L.LightningDataModule):
-    """Base for the datamodules: subclasses give the required columns, a row check and collators.
-
-    Args:
-        train: Training data: a jsonl/json/parquet/arrow file, a ``save_to_disk`` folder, or
-            ``hub/name:split`` where a hub is reachable.
-        val: Held-out data in the same forms (optional).
-        predict: Data for ``lightning-vlm predict`` (defaults to ``val``).
-        columns: Map our column names to the dataset's, e.g. ``{images: image}``.
-        batch_size: Rows per training batch (per device).
-        eval_batch_size: Rows per validation / prediction batch (defaults to ``batch_size``).
-        num_workers: DataLoader workers; images are decoded and processed there.
-        max_length: Longest tokenised row (image tokens included).
-        overlong: A row longer than ``max_length``: ``error``, or ``drop`` and count. Rows are
-            never cut, so image tokens are never cut through.
-        bad_rows: A malformed row (missing field, unreadable image, image count mismatch):
-            ``error`` naming row and field, or ``skip`` and count.
-        check_images: Decode every image once while checking rows (catches truncated files
-            before training); when off only headers are read.
-        synthetic: Write the bundled synthetic data first (offline quickstart and tests).
-        seed: Seed of the training shuffle.
-    """
+    """Base for the datamodules: subclasses give the required columns, a row check and collators."""
 
     required: tuple[str, ...] = ()
 
@@ -63,6 +44,7 @@ class VLMDataModule(L.LightningDataModule):
         self,
         train: str | None = None,
         val: str | None = None,
+        test: str | None = None,
         predict: str | None = None,
         columns: dict[str, str] | None = None,
         batch_size: int = 8,
@@ -75,9 +57,30 @@ class VLMDataModule(L.LightningDataModule):
         synthetic: SyntheticData | None = None,
         seed: int = 0,
     ):
+        """
+        Args:
+            train: Training data: a jsonl/json/parquet/arrow file, a ``save_to_disk`` folder, or
+                ``hub/name:split`` where a hub is reachable.
+            val: Held-out data in the same forms (optional).
+            test: Data for ``lightning-vlm test``.
+            predict: Data for ``lightning-vlm predict`` (defaults to ``val``).
+            columns: Map our column names to the dataset's, e.g. ``{images: image}``.
+            batch_size: Rows per training batch (per device).
+            eval_batch_size: Rows per validation / prediction batch (defaults to ``batch_size``).
+            num_workers: DataLoader workers; images are decoded and processed there.
+            max_length: Longest tokenised row (image tokens included).
+            overlong: A row longer than ``max_length``: ``error``, or ``drop`` and count. Rows are
+                never cut, so image tokens are never cut through.
+            bad_rows: A malformed row (missing field, unreadable image, image count mismatch):
+                ``error`` naming row and field, or ``skip`` and count.
+            check_images: Decode every image once while checking rows (catches truncated files
+                before training); when off only headers are read.
+            synthetic: Write the bundled synthetic data first (offline quickstart and tests).
+            seed: Seed of the training shuffle.
+        """
         super().__init__()
         self.save_hyperparameters()
-        self.sources = {"train": train, "val": val, "predict": predict or val}
+        self.sources = {"train": train, "val": val, "test": test, "predict": predict or val}
         self.columns = dict(columns or {})
         self.synthetic = synthetic  # kept as given: hparams turns dataclasses into dicts
         self.processor = None  # taken from the model's backbone in setup(), or set by hand
@@ -108,11 +111,16 @@ class VLMDataModule(L.LightningDataModule):
                 self.datasets[split] = self.load_split(self.sources[split])
         if stage == "fit" and "train" not in self.datasets:
             raise ValueError("data.train is required for fit")
+        for split in wanted:
+            if split != "train" and stage in ("validate", "test", "predict") and split not in self.datasets:
+                raise ValueError(f"data.{split} is required for {stage}")
 
     def load_split(self, source: str):
         h = self.hparams
         ds = load_source(source, self.columns, self.required)
-        ds, counts = check_rows(ds, source, self._check_row, h.bad_rows, h.overlong, h.max_length)
+        # Large sources are checked in parallel, one process per DataLoader worker.
+        procs = min(h.num_workers, os.cpu_count() or 1) if h.num_workers > 1 and len(ds) >= 2000 else None
+        ds, counts = check_rows(ds, source, self._check_row, h.bad_rows, h.overlong, h.max_length, procs)
         if counts:
             log.warning("%s: skipped %s of %d rows", source, counts, len(ds) + sum(counts.values()))
         self.skipped[source] = counts
@@ -154,45 +162,56 @@ class VLMDataModule(L.LightningDataModule):
             num_workers=h.num_workers,
             collate_fn=collate,
             persistent_workers=h.num_workers > 0,
-            sampler=self._sampler if shuffle else None,
+            pin_memory=torch.cuda.is_available(),
+            sampler=self._train_sampler() if shuffle else None,
         )
 
-    @property
-    def _sampler(self) -> ResumableSampler:
-        if getattr(self, "_train_sampler", None) is None:
-            self._train_sampler = ResumableSampler(len(self.datasets["train"]), self.hparams.seed)
-            self._train_sampler.skip = getattr(self, "_resume_skip", 0)
-        return self._train_sampler
+    def _train_sampler(self) -> ResumableSampler:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(len(self.datasets["train"]), self.hparams.seed, world, rank)
+        sampler.resume_at(*getattr(self, "_resume", (0, 0)))
+        return sampler
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: how many training rows of the current epoch were used."""
+        """Saved in checkpoints: the epoch and how many of its training rows (all ranks) were used."""
         state: dict[str, Any] = {"skipped": self.skipped}
-        if self.trainer is not None and self.trainer.training:
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state["rows_used_in_epoch"] = done * self.hparams.batch_size
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit":  # also when saved after validation
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            rows = done * self.hparams.batch_size * trainer.world_size
+            state["resume"] = {"epoch": trainer.current_epoch, "rows": rows}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_skip = state.get("rows_used_in_epoch", 0)
+        resume = state.get("resume") or {}
+        self._resume = (resume.get("epoch", 0), resume.get("rows", 0))
 
 
-class ResumableSampler(Sampler[int]):
-    """A seeded permutation per epoch that can skip the rows an interrupted epoch already used,
-    so a resumed run sees the same batches as an uninterrupted one."""
+class ResumableSampler(DistributedSampler):
+    """A seeded permutation per epoch, split across ranks, that can skip the rows an interrupted
+    epoch already used, so a resumed run sees the same batches as an uninterrupted one.
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+    Being a ``DistributedSampler``, Lightning uses it as is under DDP/FSDP instead of wrapping it.
+    """
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.n = n
+        self._skip_epoch, self._skip_rows = -1, 0
+
+    def resume_at(self, epoch: int, rows: int) -> None:
+        """Skip the first ``rows`` rows (all ranks together) of ``epoch``'s order, once."""
+        self._skip_epoch, self._skip_rows = epoch, rows
 
     def __iter__(self):
         order = torch.randperm(
             self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
         ).tolist()
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        order += order[: self.total_size - self.n]  # pad so every rank gets the same count
+        if self.epoch == self._skip_epoch:
+            order = order[self._skip_rows :]  # a whole number of global batches: ranks stay aligned
+            self._skip_epoch = -1
+        return iter(order[self.rank :: self.num_replicas])
 
-    def __len__(self) -> int:
-        # The full epoch: Lightning sizes every epoch from the first len(); a resumed epoch just ends early.
-        return self.n
+    # __len__ stays the full epoch: Lightning sizes epochs from it; a resumed epoch just ends early.

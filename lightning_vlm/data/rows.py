@@ -183,10 +183,12 @@ def check_rows(
             n, err = 0, str(e)
         return {"__len": n, "__err": err}
 
-    # No cache: a fixed image or file must be re-checked on the next run.
+    # No cache: a fixed image or file must be re-checked on the next run. Only the two result
+    # columns are materialised, in memory; the rows themselves are not copied.
     checked = ds.map(
         run,
         num_proc=num_proc,
+        remove_columns=ds.column_names,
         load_from_cache_file=False,
         keep_in_memory=True,
         desc=f"checking {Path(source).name}",
@@ -201,11 +203,10 @@ def check_rows(
         elif n > max_length:
             if overlong == "error":
                 raise BadRowError(
-                    f"{source}: row {checked[i][ROW]}: {n} tokens > max_length {max_length} "
+                    f"{source}: row {ds[i][ROW]}: {n} tokens > max_length {max_length} "
                     "(raise data.max_length, or set data.overlong: drop)"
                 )
             counts["overlong"] += 1
         else:
             keep.append(i)
-    out = checked.select(keep) if len(keep) < len(checked) else checked
-    return out.remove_columns(["__err"]), dict(counts)
+    return (ds.select(keep) if len(keep) < len(ds) else ds), dict(counts)

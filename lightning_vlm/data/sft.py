@@ -35,5 +35,8 @@ class SFTDataModule(VLMDataModule):
             return []
         return self._loader("val", SFTCollator(self.processor, with_prompts=True), shuffle=False)
 
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", SFTCollator(self.processor, with_prompts=True), shuffle=False)
+
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", SFTCollator(self.processor, with_prompts=True), shuffle=False)

@@ -7,30 +7,18 @@ maths and metrics. Lightning owns the loop, devices, precision, checkpoints and 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from lightning_vlm.backbone import BackboneConfig, VLMBackbone
+from lightning_vlm.backbone import BackboneConfig, VLMBackbone, as_backbone_config
 
 
 class VLMObjective(L.LightningModule):
-    """Base of all objectives.
-
-    Args:
-        backbone: The VLM to train (see ``BackboneConfig``: model, LoRA, vision tower, ...).
-        lr: Peak learning rate of the default AdamW.
-        weight_decay: Decoupled weight decay of the default AdamW.
-        warmup_steps: Linear warm-up steps of the default schedule.
-        schedule: Default schedule after warm-up: ``constant``, ``cosine`` or ``linear`` decay to 0
-            at ``trainer.max_steps`` (or the estimated total steps).
-        optimizer: Replace the default AdamW, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``.
-        lr_scheduler: Replace the default schedule (stepped every optimisation step).
-        max_nonfinite_steps: A step whose loss is NaN/inf is skipped and counted; this many in a
-            row stop the run.
-    """
+    """Base of all objectives."""
 
     need_reference: bool = False
 
@@ -45,9 +33,29 @@ class VLMObjective(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         max_nonfinite_steps: int = 5,
     ):
+        """
+        Args:
+            backbone: The VLM to train (see ``BackboneConfig``: model, LoRA, vision tower, ...).
+            lr: Peak learning rate of the default AdamW.
+            weight_decay: Decoupled weight decay of the default AdamW.
+            warmup_steps: Linear warm-up steps of the default schedule.
+            schedule: Default schedule after warm-up: ``constant``, ``cosine`` or ``linear`` decay to 0
+                at ``trainer.max_steps`` (or the estimated total steps).
+            optimizer: Replace the default AdamW, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``
+                (``lr`` and ``weight_decay`` above then do not apply: set them in ``init_args``).
+            lr_scheduler: Replace the default schedule (stepped every optimisation step).
+            max_nonfinite_steps: A step whose loss is NaN/inf is skipped and counted; this many in a
+                row stop the run.
+        """
         super().__init__()
-        self.save_hyperparameters()
-        # Under LightningCLI hparams hold the parsed config, not the callables: keep these.
+        backbone = as_backbone_config(backbone)
+        self.save_hyperparameters()  # collects the subclass's __init__ arguments too
+        # Checkpoints load with weights_only: keep hyperparameters plain (dicts, not dataclasses or
+        # Python callables). The callables themselves are kept on the module.
+        self.hparams["backbone"] = asdict(backbone)
+        for key in ("optimizer", "lr_scheduler"):
+            if not isinstance(self.hparams.get(key), (dict, type(None))):
+                self.hparams[key] = None
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.backbone = VLMBackbone(backbone, need_reference=self.need_reference)
         self.nonfinite_steps = 0  # consecutive
@@ -64,7 +72,10 @@ class VLMObjective(L.LightningModule):
 
     def guard(self, loss: torch.Tensor) -> torch.Tensor | None:
         """Return ``loss``, or None (skip the step) when it is not finite; stop when that repeats."""
-        if torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is not None:  # every rank must skip together, or DDP's all-reduce hangs
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             self.nonfinite_steps = 0
             return loss
         self.nonfinite_steps += 1
@@ -83,8 +94,12 @@ class VLMObjective(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_factory is not None:
             opt = self.optimizer_factory(params)
-        else:
-            opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        else:  # no decay on biases and norm weights (1-D tensors), as HF Trainer and TRL do
+            groups = [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ]
+            opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=h.lr)
         if self.scheduler_factory is not None:
             sched = self.scheduler_factory(opt)
         else:

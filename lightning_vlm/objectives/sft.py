@@ -21,19 +21,18 @@ from lightning_vlm.objectives.base import VLMObjective
 
 
 class SFT(VLMObjective):
-    """Supervised fine-tuning on chat rows with images.
-
-    Args:
-        backbone: The VLM to train.
-        eval_max_new_tokens: Tokens generated per held-out answer (greedy) for ``val/accuracy``
-            and ``predict``.
-        **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, optimizer, ...).
-    """
+    """Supervised fine-tuning on chat rows with images."""
 
     def __init__(self, backbone: BackboneConfig, eval_max_new_tokens: int = 16, **kwargs: Any):
+        """
+        Args:
+            backbone: The VLM to train.
+            eval_max_new_tokens: Tokens generated per held-out answer (greedy) for ``val/accuracy``,
+                ``test/accuracy`` and ``predict``.
+            **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, optimizer, ...).
+        """
         super().__init__(backbone, **kwargs)
-        self.save_hyperparameters()
-        self.val_accuracy = MeanMetric()
+        self.accuracy = MeanMetric()
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         mask = batch["labels_mask"]  # (B, T)
@@ -54,17 +53,25 @@ class SFT(VLMObjective):
         )
         return self.backbone.decode(ids)
 
-    def on_validation_epoch_start(self) -> None:
-        # A `validate` run before `fit` leaves inference-mode tensors in the metric state.
-        self.val_accuracy.reset()
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def _evaluate(self, batch: dict, stage: str) -> None:
         loss, _ = self._loss(batch)
         bs = batch["input_ids"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         hits = [exact_match(a, r) for a, r in zip(self._answers(batch), batch["answers"], strict=True)]
-        self.val_accuracy.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=bs)
+        self.accuracy.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
+        self.log(f"{stage}/accuracy", self.accuracy, prog_bar=True, batch_size=bs)
+
+    def on_validation_epoch_start(self) -> None:
+        # A `validate` run before `fit` leaves inference-mode tensors in the metric state.
+        self.accuracy.reset()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         answers = self._answers(batch)
