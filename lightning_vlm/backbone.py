@@ -326,12 +326,16 @@ class VLMBackbone(nn.Module):
             use_cache=True,
             **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
         )
+        # generate() fills settings left at their defaults from the model's own config, so swap it out.
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        saved, base.generation_config = base.generation_config, config
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **vision, generation_config=config
-        )
-        self.model.train(was_training)
+        try:
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **vision)
+        finally:
+            base.generation_config = saved
+            self.model.train(was_training)
         return out[:, input_ids.shape[1] :]
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:

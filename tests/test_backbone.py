@@ -171,24 +171,110 @@ def test_each_family_loads_from_saved_folder_and_trains_a_step(family, synthetic
     assert ids.shape[0] == p["input_ids"].shape[0] and 1 <= ids.shape[1] <= 3
 
 
-def test_generate_returns_completions_only(full_ft, synthetic_dir):
+def test_generation_settings_are_ours_alone(full_ft, synthetic_dir):
     dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), val=str(synthetic_dir / "sft_val.jsonl"))
     dm.processor = full_ft.processor
     dm.setup("fit")
     p = next(iter(dm.val_dataloader()))["prompt"]
-    ids = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=3)
-    assert ids.shape == (p["input_ids"].shape[0], 3) or ids.shape[1] < 3
-    again = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=3)
-    assert torch.equal(ids, again)  # greedy is deterministic
-    sampled = full_ft.generate(
-        p["input_ids"],
-        p["attention_mask"],
-        p["vision"],
-        max_new_tokens=3,
-        do_sample=True,
-        num_return_sequences=2,
+    args = (p["input_ids"], p["attention_mask"], p["vision"])
+    greedy = full_ft.generate(*args, max_new_tokens=6)
+    assert greedy.shape[0] == p["input_ids"].shape[0] and greedy.shape[1] <= 6
+    # The prompt is not echoed: the first generated token is the argmax after the prompt.
+    with torch.no_grad():
+        out = full_ft.model(input_ids=p["input_ids"], attention_mask=p["attention_mask"], **p["vision"])
+    assert torch.equal(greedy[:, 0], out.logits[:, -1].argmax(-1))
+    # The checkpoint's own generation_config does not leak into our greedy decoding.
+    full_ft.model.generation_config.repetition_penalty = 50.0
+    full_ft.model.generation_config.do_sample = True
+    assert torch.equal(full_ft.generate(*args, max_new_tokens=6), greedy)
+    full_ft.model.generation_config.repetition_penalty = 1.0
+    full_ft.model.generation_config.do_sample = False
+    torch.manual_seed(0)
+    hot = full_ft.generate(*args, max_new_tokens=6, do_sample=True, temperature=50.0, num_return_sequences=2)
+    assert hot.shape[0] == 2 * p["input_ids"].shape[0]
+    assert not torch.equal(hot[::2, :1], greedy[:, :1])  # near-uniform sampling leaves the argmax
+
+
+def test_generation_pads_after_eos(full_ft, synthetic_dir):
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), val=str(synthetic_dir / "sft_val.jsonl"))
+    dm.processor = full_ft.processor
+    dm.setup("fit")
+    p = next(iter(dm.val_dataloader()))["prompt"]
+    eos, pad = full_ft.tokenizer.eos_token_id, full_ft.tokenizer.pad_token_id
+    head = full_ft.model.get_output_embeddings()
+    with torch.no_grad():  # make EOS the only choice after the first token: every row stops at step 2
+        saved = head.weight[eos].clone()
+        head.weight[eos] = 0
+        ids = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=1)
+        head.weight[eos] = saved
+    assert eos not in ids.tolist()[0]
+    bias = torch.zeros(head.weight.shape[0])
+    bias[eos] = 1e4
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        ids = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=5)
+    finally:
+        head.bias = None
+    assert (ids[:, 0] == eos).all() and ids.shape[1] == 1  # all rows finished: generation stopped
+    assert pad != eos
+
+
+def test_logit_softcapping_is_applied(full_ft, synthetic_dir):
+    batch = _batch(full_ft, synthetic_dir)
+    args = (batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"])
+    full_ft.logit_softcap = 0.5
+    try:
+        capped = full_ft.token_logps(*args)
+    finally:
+        full_ft.logit_softcap = None
+    out = full_ft.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **batch["vision"]
     )
-    assert sampled.shape[0] == 2 * p["input_ids"].shape[0]
+    logits = torch.tanh(out.logits[:, :-1].float() / 0.5) * 0.5
+    ref = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    expected = torch.zeros(batch["input_ids"].shape)
+    expected[:, 1:] = ref
+    expected = expected * batch["labels_mask"]
+    assert torch.allclose(capped, expected, atol=1e-5)
+    assert not torch.allclose(capped, full_ft.token_logps(*args), atol=1e-3)
+
+
+def test_lora_with_trained_vision_keeps_the_reference_tower(synthetic_dir):
+    torch.manual_seed(0)
+    bb = VLMBackbone(
+        BackboneConfig(tiny=TinyVLM(), lora=LoraSettings(r=4), vision="train"), need_reference=True
+    )
+    bb.load()
+    batch = _batch(bb, synthetic_dir)
+    args = (batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"])
+    with bb.reference() as ref:
+        before = bb.token_logps(*args, model=ref)
+    trainable = [p for p in bb.parameters() if p.requires_grad]
+    assert any("visual" in n and "lora_" not in n for n, p in bb.model.named_parameters() if p.requires_grad)
+    opt = torch.optim.SGD(trainable, lr=1.0)
+    (-bb.token_logps(*args).sum()).backward()
+    opt.step()
+    with bb.reference() as ref:
+        assert torch.allclose(before, bb.token_logps(*args, model=ref), atol=1e-6)  # tower copy trained only
+
+
+def test_processor_pickles_into_spawned_workers(full_ft, synthetic_dir):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(full_ft.processor))
+    assert type(clone).__name__ == type(full_ft.processor).__name__
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), batch_size=4, num_workers=1)
+    dm.processor = full_ft.processor
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.multiprocessing_context = "spawn"
+    spawned = next(iter(loader))
+    dm0 = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), batch_size=4)
+    dm0.processor = full_ft.processor
+    dm0.setup("fit")
+    inline = next(iter(dm0.train_dataloader()))
+    assert torch.equal(spawned["input_ids"], inline["input_ids"])
+    assert torch.equal(spawned["vision"]["pixel_values"], inline["vision"]["pixel_values"])
 
 
 def test_not_a_vlm_folder_is_refused(tmp_path):

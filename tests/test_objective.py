@@ -139,9 +139,13 @@ def test_export_hf_folder_reloads_as_the_trained_model(lora, synthetic_dir, tmp_
 
 
 def test_export_adapters_only(synthetic_dir, tmp_path):
-    module = SFT(BackboneConfig(tiny=TinyVLM(), lora=LoraSettings(r=4)))
+    module = SFT(BackboneConfig(tiny=TinyVLM(), lora=LoraSettings(r=4), vision="train"))
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, callbacks=[ExportHF(str(tmp_path / "a"), merge_lora=False)])  # fmt: skip
     trainer.fit(module, SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), batch_size=8))
     assert (tmp_path / "a" / "adapter_config.json").is_file()
     assert not (tmp_path / "a" / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert any("visual" in k and "lora_" not in k for k in keys)  # the trained vision tower travels too

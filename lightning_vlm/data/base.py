@@ -103,9 +103,8 @@ class VLMDataModule(L.LightningDataModule):
                     "the datamodule needs a processor: attach it to a trainer or set .processor"
                 )
             self.processor = self.trainer.lightning_module.backbone.processor
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}.get(
-            stage, ("train", "val")
-        )
+        stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        wanted = stages.get(stage, ("train", "val"))
         for split in wanted:
             if split not in self.datasets and self.sources[split]:
                 self.datasets[split] = self.load_split(self.sources[split])
