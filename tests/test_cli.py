@@ -280,3 +280,14 @@ def test_csv_and_tensorboard_loggers_work(logger, produced, tmp_path, synthetic_
     if produced.endswith(".csv"):
         text = files[0].read_text()
         assert "train/loss" in text and "val/accuracy" in text
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line.strip() for line in readme.splitlines() if line.strip().endswith("pytest -q"))
+    assert command in ci
+    quickstart = next(
+        line.strip() for line in readme.splitlines() if "fit --config zoo/tiny_qwen2vl_sft.yaml" in line
+    )
+    assert (ROOT / quickstart.split("--config ")[1].split()[0]).is_file()
