@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -195,6 +196,14 @@ class VLMBackbone(nn.Module):
                 names.append(name)
         if not names:
             raise ValueError(f"backbone.lora.target_modules: no linear layer matches {lora.target_modules!r}")
+        if any(
+            name.endswith(".experts") and not isinstance(m, nn.Linear) for name, m in model.named_modules()
+        ):
+            warnings.warn(
+                "backbone.lora: fused MoE expert weights are not nn.Linear layers and get no adapters "
+                "(only the nn.Linear layers, e.g. attention projections, are adapted)",
+                stacklevel=2,
+            )
         # vision: train under LoRA trains a copy of the tower (peft's modules_to_save), so that the
         # disabled-adapter reference still sees the original tower and adapter exports include it.
         keep = [self._vision_name(model)] if self.config.vision == "train" else None

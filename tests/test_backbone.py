@@ -304,3 +304,13 @@ def test_missing_or_empty_model_folder(tmp_path):
         VLMBackbone(BackboneConfig())
     with pytest.raises(ValueError, match="needs backbone.lora"):
         VLMBackbone(BackboneConfig(tiny=TinyVLM(), vision="lora"))
+
+
+def test_lora_on_moe_warns_that_fused_experts_get_no_adapters():
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family="qwen3_vl_moe"), lora=LoraSettings(r=4)))
+    with pytest.warns(UserWarning, match="fused MoE expert weights"):
+        bb.load()
+    adapted = {
+        n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in bb.model.named_parameters() if p.requires_grad
+    }
+    assert adapted and "experts" not in adapted
