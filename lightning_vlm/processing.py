@@ -9,6 +9,7 @@ stock processor untouched.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def image_only_processor(stock_name: str) -> type:
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         # The stock __init__ forwards (image, tokenizer, video) positionally to ProcessorMixin, which
         # zips them with this signature's attributes, so the missing video processor is dropped.
-        stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        stock.__init__(
+            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+            chat_template=chat_template, **kwargs,
+        )  # fmt: skip
 
     name = f"{_PREFIX}{stock_name}"
     cls = type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
@@ -82,10 +86,12 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     name = _processor_class_name(path, config)
+    stock = getattr(transformers, name, None)
+    if stock is None or "video_processor" not in inspect.signature(stock.__init__).parameters:
+        # Image-only processors (LLaVA, ...) construct fine without torchvision.
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    if not hasattr(transformers, name):
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     cls = image_only_processor(name)
     return cls(image_processor, tokenizer, chat_template=tokenizer.chat_template or _read_template(path))
 

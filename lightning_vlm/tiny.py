@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava"]
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -32,12 +32,12 @@ SPECIAL_TOKENS = [
 ]
 
 # The Qwen chat layout, images as <|vision_start|><|image_pad|><|vision_end|> in place.
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% if c['type'] == 'image' %}" + QWEN_IMAGE + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -55,7 +55,8 @@ class TinyVLM:
     """A toy-sized member of a real VLM family, built offline.
 
     Args:
-        family: Which Hugging Face model family to instantiate.
+        family: Which Hugging Face model family to instantiate (``llava`` is a CLIP + Llama
+            LLaVA-style model, the non-Qwen family covered by the tests).
         hidden_size: Width of the language model.
         num_layers: Decoder layers of the language model.
         num_heads: Attention heads of the language model (2 key/value heads).
@@ -84,7 +85,7 @@ class TinyVLM:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, extra: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -95,7 +96,7 @@ def _train_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *extra],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -173,6 +174,58 @@ def _config(spec: TinyVLM, tokenizer):
     )
 
 
+def _llava(spec: TinyVLM, tokenizer):
+    """A LLaVA-style model (CLIP vision tower, projector, Llama decoder): a non-Qwen family whose
+    single ``<image>`` placeholder expands to a run of image tokens."""
+    import math
+
+    import transformers
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    side = math.isqrt(spec.max_pixels) // 14 * 14  # square images, whole patches
+    template = CHAT_TEMPLATE.replace(QWEN_IMAGE, "<image>")
+    tokenizer.chat_template = template
+    config = transformers.LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=spec.vision_hidden_size,
+            intermediate_size=2 * spec.vision_hidden_size,
+            num_hidden_layers=spec.vision_depth,
+            num_attention_heads=2,
+            image_size=side,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            intermediate_size=2 * spec.hidden_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS position that "default" drops
+        chat_template=template,
+    )
+    return config, processor
+
+
 def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
     """Build the tiny model described by ``spec`` and save it (weights, tokenizer, processor) to ``out_dir``."""
     from transformers import AutoModelForImageTextToText
@@ -181,18 +234,22 @@ def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
     from lightning_vlm.processing import image_only_processor, save_processor
 
     out_dir = Path(out_dir)
-    tokenizer = _train_tokenizer(spec.vocab_size)
-    config = _config(spec, tokenizer)
-    patch = 16 if spec.family.startswith("qwen3") else 14
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=patch,
-        merge_size=2,
-        temporal_patch_size=2,
-        min_pixels=spec.min_pixels,
-        max_pixels=spec.max_pixels,
-    )
-    stock = _STOCK_PROCESSOR[spec.family]
-    processor = image_only_processor(stock)(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+    if spec.family == "llava":
+        tokenizer = _train_tokenizer(spec.vocab_size, extra=("<image>",))
+        config, processor = _llava(spec, tokenizer)
+    else:
+        tokenizer = _train_tokenizer(spec.vocab_size)
+        config = _config(spec, tokenizer)
+        patch = 16 if spec.family.startswith("qwen3") else 14
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=patch,
+            merge_size=2,
+            temporal_patch_size=2,
+            min_pixels=spec.min_pixels,
+            max_pixels=spec.max_pixels,
+        )
+        stock = _STOCK_PROCESSOR[spec.family]
+        processor = image_only_processor(stock)(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         model = AutoModelForImageTextToText.from_config(config)

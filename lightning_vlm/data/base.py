@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_vlm.data.collate import image_token_counts
 from lightning_vlm.data.rows import BadRowError, as_list, check_rows, load_source, open_image
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,9 @@ class VLMDataModule(L.LightningDataModule):
         n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not images:
             return n
-        sizes = [(im.height, im.width) for im in images]
-        counter = getattr(self.processor, "_get_num_multimodal_tokens", None)
-        if counter is not None:
-            return n + sum(counter(image_sizes=sizes)["num_image_tokens"]) - len(images)
+        counts = image_token_counts(self.processor, images)
+        if counts is not None:
+            return n + sum(counts) - len(images)
         rgb = [im.convert("RGB") for im in images]
         return self.processor(text=[text], images=rgb, add_special_tokens=False)["input_ids"].shape[1]
 

@@ -47,17 +47,33 @@ def assistant_spans(processor, messages: list[dict], row: int) -> tuple[str, lis
     return text, spans
 
 
-def _label_mask(processor, text: str, spans, expanded: list[int], row: int) -> list[bool]:
-    """Map character spans to the processor's (image-expanded) token sequence."""
+def image_token_counts(processor, images: list) -> list[int] | None:
+    """Image tokens each image expands to, from its size alone (None if the processor cannot say)."""
+    counter = getattr(processor, "_get_num_multimodal_tokens", None)
+    if counter is None or not images:
+        return None if counter is None else []
+    return list(counter(image_sizes=[(im.height, im.width) for im in images])["num_image_tokens"])
+
+
+def _label_mask(
+    processor, text: str, spans, expanded: list[int], row: int, counts: list[int] | None
+) -> list[bool]:
+    """Map character spans to the processor's (image-expanded) token sequence.
+
+    Each image placeholder in ``text`` becomes ``counts[i]`` image tokens (or, when the counts are
+    unknown, the whole run of image tokens, which needs placeholders separated by other tokens).
+    """
     tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     image_id = processor.image_token_id
-    mask, p = [False] * len(expanded), 0
+    mask, p, i = [False] * len(expanded), 0, 0
     for tid, (a, b) in zip(tok["input_ids"], tok["offset_mapping"], strict=True):
-        if tid == image_id:  # one placeholder in the text becomes a run of them
-            if p >= len(expanded) or expanded[p] != image_id:
+        if tid == image_id:
+            end = p + counts[i] if counts is not None else p
+            while counts is None and end < len(expanded) and expanded[end] == image_id:
+                end += 1
+            if end == p or end > len(expanded) or any(t != image_id for t in expanded[p:end]):
                 raise BadRowError(f"row {row}: image tokens do not line up with the processor's output")
-            while p < len(expanded) and expanded[p] == image_id:
-                p += 1
+            p, i = end, i + 1
             continue
         if p >= len(expanded) or expanded[p] != tid:
             raise BadRowError(f"row {row}: tokenisation differs from the processor's output at token {p}")
@@ -109,19 +125,23 @@ class SFTCollator:
         self.with_prompts = with_prompts
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        texts, spans, images = [], [], []
+        texts, spans, images, counts = [], [], [], []
         for r in rows:
             text, sp = assistant_spans(self.processor, r["messages"], r[ROW])
             texts.append(text)
             spans.append(sp)
-            images += [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
+            row_images = [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
+            counts.append(image_token_counts(self.processor, row_images))
+            images += row_images
         batch = encode(self.processor, texts, images)
         masks = []
         for k, r in enumerate(rows):
             am = batch["attention_mask"][k].bool()
             ids = batch["input_ids"][k][am].tolist()
             row_mask = torch.zeros_like(am)
-            row_mask[am] = torch.tensor(_label_mask(self.processor, texts[k], spans[k], ids, r[ROW]))
+            row_mask[am] = torch.tensor(
+                _label_mask(self.processor, texts[k], spans[k], ids, r[ROW], counts[k])
+            )
             masks.append(row_mask)
         batch["labels_mask"] = torch.stack(masks)  # (B, T) bool
         batch["rows"] = [r[ROW] for r in rows]
