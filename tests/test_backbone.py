@@ -147,7 +147,9 @@ def test_each_family_loads_from_saved_folder_and_trains_a_step(family, synthetic
     folder = ensure_tiny_vlm(TinyVLM(family=family))
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
     stock = json.loads((folder / "processor_config.json").read_text())["processor_class"]
-    assert stock == ("LlavaProcessor" if family == "llava" else "Qwen")[: len(stock)] or stock.startswith("Qwen")
+    assert stock == ("LlavaProcessor" if family == "llava" else "Qwen")[: len(stock)] or stock.startswith(
+        "Qwen"
+    )
     assert not stock.startswith("ImageOnly")  # users with torchvision get the family's own processor class
     torch.manual_seed(0)
     bb = VLMBackbone(BackboneConfig(model_name_or_path=str(folder), vision="train"))
@@ -316,3 +318,30 @@ def test_lora_on_moe_warns_that_fused_experts_get_no_adapters():
         n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in bb.model.named_parameters() if p.requires_grad
     }
     assert adapted and "experts" not in adapted
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padding_does_not_change_logps(family, synthetic_dir):
+    """A row's log-probs in a left-padded batch equal those of the row alone, for every family."""
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
+    bb.load()
+    bb.model.eval()
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), batch_size=6)
+    dm.processor = bb.processor
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # some rows really are padded
+    with torch.no_grad():
+        together = bb.token_logps(
+            batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"]
+        )
+        collate = dm.train_dataloader().collate_fn
+        rows = [dm.datasets["train"][i] for i in range(len(dm.datasets["train"]))]
+        by_index = {r["__row"]: r for r in rows}
+        for k, row_id in enumerate(batch["rows"]):
+            one = collate([by_index[row_id]])
+            alone = bb.token_logps(one["input_ids"], one["attention_mask"], one["vision"], one["labels_mask"])
+            assert torch.allclose(
+                together[k][batch["labels_mask"][k]], alone[0][one["labels_mask"][0]], atol=1e-4
+            )
