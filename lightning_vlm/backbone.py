@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ class BackboneConfig:
     """Which VLM to load and how to train it.
 
     Args:
-        model_name_or_path: Hub id (e.g. ``Qwen/Qwen2-VL-2B-Instruct``) or local folder.
+        model_name_or_path: Hub id (e.g. ``Qwen/Qwen2-VL-2B-Instruct``) or local folder; a peft
+            adapter folder (``adapter_config.json``) loads its base model with the adapters merged.
         tiny: Build a tiny random-initialised VLM offline instead (cached on disk) and load it
             like any checkpoint. Exactly one of ``model_name_or_path`` and ``tiny`` is set.
         dtype: Dtype of the loaded weights; ``auto`` keeps the checkpoint's. Full fine-tuning with
@@ -132,9 +134,18 @@ class VLMBackbone(nn.Module):
         self.config = config
         self.need_reference = need_reference
         self.path = _resolve(config)
+        self.adapter: str | None = None  # a peft adapter folder, merged into its base at load
+        adapter_config = Path(self.path) / "adapter_config.json"
+        if adapter_config.is_file() and not (Path(self.path) / "config.json").is_file():
+            self.adapter = self.path
+            self.path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
         self.hf_config = _check_is_vlm(self.path, config.trust_remote_code)
+        has_processor = self.adapter and (Path(self.adapter) / "processor_config.json").is_file()
         self.processor = load_processor(
-            self.path, self.hf_config, config.trust_remote_code, **config.processor_kwargs
+            self.adapter if has_processor else self.path,
+            self.hf_config,
+            config.trust_remote_code,
+            **config.processor_kwargs,
         )
         # token_logps applies the LM head itself, so it must repeat what the model does to logits.
         text_config = self.hf_config.get_text_config()
@@ -159,6 +170,10 @@ class VLMBackbone(nn.Module):
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(self.path, **kwargs)
+        if self.adapter:  # start from base + adapters; this run's LoRA (if any) goes on top
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.adapter).merge_and_unload()
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode; Lightning expects training mode
         if cfg.gradient_checkpointing:

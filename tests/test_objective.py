@@ -149,3 +149,11 @@ def test_export_adapters_only(synthetic_dir, tmp_path):
 
     keys = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     assert any("visual" in k and "lora_" not in k for k in keys)  # the trained vision tower travels too
+    # The adapter folder loads as base + merged adapters (e.g. to start the next stage from it).
+    reloaded = VLMBackbone(BackboneConfig(model_name_or_path=str(tmp_path / "a")))
+    reloaded.load()
+    batch = next(iter(trainer.datamodule.train_dataloader()))
+    args = (batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"])
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(module.backbone.token_logps(*args), reloaded.token_logps(*args), atol=1e-5)
