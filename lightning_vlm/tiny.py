@@ -111,14 +111,9 @@ def _train_tokenizer(vocab_size: int, extra: tuple[str, ...] = ()):
     )
 
 
-def _config(spec: TinyVLM, tokenizer):
-    import transformers
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = spec.hidden_size // spec.num_heads
-    half = head_dim // 2
-    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # (t, h, w) sections sum to half
-    text = dict(
+def _text_sizes(spec: TinyVLM, tokenizer) -> dict:
+    """The language model's size and special tokens, shared by every family."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=2 * spec.hidden_size,
@@ -126,11 +121,21 @@ def _config(spec: TinyVLM, tokenizer):
         num_attention_heads=spec.num_heads,
         num_key_value_heads=2,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
+
+
+def _config(spec: TinyVLM, tokenizer):
+    import transformers
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = spec.hidden_size // spec.num_heads
+    half = head_dim // 2
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # (t, h, w) sections sum to half
+    text = _text_sizes(spec, tokenizer)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
     vision = dict(depth=spec.vision_depth, num_heads=2, hidden_size=spec.hidden_size)
     if spec.family == "qwen2_vl":
         cls = transformers.Qwen2VLConfig
@@ -195,19 +200,7 @@ def _llava(spec: TinyVLM, tokenizer):
             image_size=side,
             patch_size=14,
         ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=2 * spec.hidden_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=None,
-        ),
+        text_config=dict(model_type="llama", **_text_sizes(spec, tokenizer)),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
