@@ -199,28 +199,23 @@ def test_generation_settings_are_ours_alone(full_ft, synthetic_dir):
     assert not torch.equal(hot[::2, :1], greedy[:, :1])  # near-uniform sampling leaves the argmax
 
 
-def test_generation_pads_after_eos(full_ft, synthetic_dir):
+def test_generation_stops_when_every_row_has_ended(full_ft, synthetic_dir):
     dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), val=str(synthetic_dir / "sft_val.jsonl"))
     dm.processor = full_ft.processor
     dm.setup("fit")
     p = next(iter(dm.val_dataloader()))["prompt"]
-    eos, pad = full_ft.tokenizer.eos_token_id, full_ft.tokenizer.pad_token_id
+    eos = full_ft.tokenizer.eos_token_id
     head = full_ft.model.get_output_embeddings()
-    with torch.no_grad():  # make EOS the only choice after the first token: every row stops at step 2
-        saved = head.weight[eos].clone()
-        head.weight[eos] = 0
-        ids = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=1)
-        head.weight[eos] = saved
-    assert eos not in ids.tolist()[0]
+    free = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=5)
+    assert free.shape[1] == 5 and not (free == eos).any()  # the untrained model does not stop by itself
     bias = torch.zeros(head.weight.shape[0])
-    bias[eos] = 1e4
+    bias[eos] = 1e4  # EOS becomes every row's first token
     head.bias = torch.nn.Parameter(bias, requires_grad=False)
     try:
         ids = full_ft.generate(p["input_ids"], p["attention_mask"], p["vision"], max_new_tokens=5)
     finally:
         head.bias = None
-    assert (ids[:, 0] == eos).all() and ids.shape[1] == 1  # all rows finished: generation stopped
-    assert pad != eos
+    assert (ids[:, 0] == eos).all() and ids.shape[1] == 1  # stopped at EOS, not at max_new_tokens
 
 
 def test_logit_softcapping_is_applied(full_ft, synthetic_dir):
