@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -261,8 +262,61 @@ class VLMBackbone(nn.Module):
     # ------------------------------------------------------------------ log-probs
     @staticmethod
     def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = _unwrap(model)
         return base.model, base.get_output_embeddings()
+
+    def encode_images(self, vision: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
+        """Run the vision tower once on the batch's images.
+
+        Returns transformers' ``mm_encoder_outputs`` (``{"image": output}``), which
+        :meth:`hidden_states` can share between several sequences (chosen and rejected, the G
+        samples of a prompt) and, when the tower is frozen, between the policy and the reference.
+        """
+        base = _unwrap(model if model is not None else self.model)
+        owner = base.model if hasattr(base.model, "get_image_features") else base
+        fn = owner.get_image_features
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in vision.items() if k in params}
+        tower = self._vision_of(model if model is not None else self.model)
+        trainable = any(p.requires_grad for p in tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            return {"image": fn(**kwargs, return_dict=True)}
+
+    @property
+    def vision_is_frozen(self) -> bool:
+        """The tower never changes (policy and reference see the same image features)."""
+        return self.config.vision == "frozen"
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vision: dict[str, Any],
+        model: nn.Module | None = None,
+        copies: int = 1,
+        features: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states of the language model, (copies * B, T, H).
+
+        Args:
+            input_ids: (copies * B, T) token ids.
+            attention_mask: (copies * B, T) 1 on real tokens.
+            vision: The processor's vision dict. With ``copies > 1`` it holds the images of B
+                prompts once, and the rows of ``input_ids`` are ``copies`` blocks of B sequences
+                that share them (row ``k * B + i`` sees prompt i's images); per-sequence entries
+                (shaped like ``input_ids``, e.g. ``mm_token_type_ids``) cover all rows.
+            model: Run this model instead of the policy (the reference copy).
+            copies: Sequences per prompt; the images are encoded once and reused for each.
+            features: Output of :meth:`encode_images` to reuse instead of running the tower.
+        """
+        model = model if model is not None else self.model
+        inner, _ = self._parts(model)
+        if vision and (copies > 1 or features is not None):
+            if features is None:
+                features = self.encode_images(vision, model)
+            vision = _shared_vision(vision, tuple(input_ids.shape), copies, features)
+        out = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision)
+        return out.last_hidden_state
 
     def token_logps(
         self,
@@ -271,6 +325,8 @@ class VLMBackbone(nn.Module):
         vision: dict[str, torch.Tensor],
         target_mask: torch.Tensor,
         model: nn.Module | None = None,
+        copies: int = 1,
+        features: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Log-probability of each target token given everything before it.
 
@@ -283,13 +339,14 @@ class VLMBackbone(nn.Module):
             vision: Whatever the processor returned for the images (passed as ``**vision``).
             target_mask: (B, T) bool, True at tokens to score (never position 0).
             model: Score with this model instead of the policy (used for the reference copy).
+            copies: Sequences sharing each prompt's images (see :meth:`hidden_states`).
+            features: Precomputed image features (see :meth:`encode_images`).
 
         Returns:
             (B, T) float32 log-probs, 0 where ``target_mask`` is False.
         """
-        inner, head = self._parts(model if model is not None else self.model)
-        hidden = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision)
-        hidden = hidden.last_hidden_state  # (B, T, H)
+        _, head = self._parts(model if model is not None else self.model)
+        hidden = self.hidden_states(input_ids, attention_mask, vision, model, copies, features)  # (B, T, H)
         targets = target_mask[:, 1:].bool()  # position t-1 predicts token t
         h = hidden[:, :-1][targets]  # (N, H)
         y = input_ids[:, 1:][targets]  # (N,)
@@ -315,8 +372,17 @@ class VLMBackbone(nn.Module):
         elif self._reference is not None:
             with torch.no_grad():
                 yield self._reference
+        elif self.need_reference:
+            raise RuntimeError(
+                "the reference copy was released after its log-probs were precomputed, and these rows "
+                "are not in that cache"
+            )
         else:
             raise RuntimeError("backbone was built without need_reference=True")
+
+    def release_reference(self) -> None:
+        """Free the frozen reference copy (once its log-probs are cached). Nothing to free under LoRA."""
+        object.__setattr__(self, "_reference", None)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -371,3 +437,42 @@ def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: nn.Module, softcap: flo
     if softcap:  # Gemma-style final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _shared_vision(vision: dict[str, Any], shape: tuple[int, int], copies: int, features: dict) -> dict:
+    """The vision kwargs for ``copies`` blocks of sequences that share precomputed image features."""
+    out: dict[str, Any] = {}
+    for key, value in vision.items():
+        if key.startswith("pixel_"):  # replaced by the features
+            continue
+        if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == shape:
+            out[key] = value  # per sequence, already covers every row (mm_token_type_ids, ...)
+        elif isinstance(value, torch.Tensor) and copies > 1:
+            out[key] = torch.cat([value] * copies)  # per image (image_grid_thw, image_sizes, ...)
+        else:
+            out[key] = value
+    out["mm_encoder_outputs"] = {m: _repeat_output(o, copies) for m, o in features.items()}
+    return out
+
+
+def _repeat(value: Any, copies: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value] * copies)
+    return list(value) * copies  # one tensor per image
+
+
+def _repeat_output(output: Any, copies: int) -> Any:
+    """Image features of B prompts -> the same for ``copies`` blocks of B sequences (block order)."""
+    if copies == 1:
+        return output
+    output = copy.copy(output)
+    output.pooler_output = _repeat(output.pooler_output, copies)
+    deep = getattr(output, "deepstack_features", None)  # Qwen3-VL: per layer, per image
+    if deep is not None:
+        output.deepstack_features = [_repeat(layer, copies) for layer in deep]
+    return output

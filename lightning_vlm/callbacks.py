@@ -53,6 +53,8 @@ class ExportHF(L.Callback):
             export.to(getattr(torch, self.dtype))
         export.save_pretrained(tmp)
         save_processor(backbone.processor, tmp)
+        if hasattr(pl_module, "save_extra"):  # e.g. the reward model's head
+            pl_module.save_extra(tmp)
         if self.dirpath.exists():
             shutil.rmtree(self.dirpath)
         os.rename(tmp, self.dirpath)

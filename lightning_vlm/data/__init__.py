@@ -1,6 +1,7 @@
 """LightningDataModules, row checks and collation."""
 
 from lightning_vlm.data.base import SyntheticData, VLMDataModule
+from lightning_vlm.data.preference import PreferenceDataModule
 from lightning_vlm.data.sft import SFTDataModule
 
-__all__ = ["SFTDataModule", "SyntheticData", "VLMDataModule"]
+__all__ = ["PreferenceDataModule", "SFTDataModule", "SyntheticData", "VLMDataModule"]

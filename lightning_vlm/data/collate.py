@@ -23,8 +23,13 @@ def render(processor, messages: list[dict], add_generation_prompt: bool = False)
     )
 
 
-def assistant_spans(processor, messages: list[dict], row: int) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    processor, messages: list[dict], row: int, start: int = 0, field: str = "messages"
+) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` and return the text with the character spans of assistant replies.
+
+    Only replies at message index ``start`` or later count (a preference pair's completion, not
+    the earlier turns of its prompt).
 
     A span covers the reply and its end-of-turn token (so the model learns to stop) and not the
     whitespace after it. Prefix renders must be prefixes of the full render, which holds for
@@ -33,7 +38,7 @@ def assistant_spans(processor, messages: list[dict], row: int) -> tuple[str, lis
     text = render(processor, messages)
     spans = []
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or i < start:
             continue
         start = len(render(processor, messages[:i], add_generation_prompt=True)) if i else 0
         end_text = render(processor, messages[: i + 1])
@@ -43,7 +48,7 @@ def assistant_spans(processor, messages: list[dict], row: int) -> tuple[str, lis
             )
         spans.append((start, len(end_text.rstrip())))
     if not spans:
-        raise BadRowError(f"row {row}: field 'messages': no assistant turn to learn from")
+        raise BadRowError(f"row {row}: field {field!r}: no assistant turn to learn from")
     return text, spans
 
 
@@ -82,6 +87,47 @@ def _label_mask(
     if p != len(expanded):
         raise BadRowError(f"row {row}: processor output has {len(expanded) - p} unexpected trailing tokens")
     return mask
+
+
+def label_masks(processor, batch: dict, texts: list[str], spans: list, counts: list, rows: list[int]):
+    """(N, T) bool: True on the tokens of each sequence's assistant spans (left padding allowed)."""
+    masks = []
+    for k, row in enumerate(rows):
+        am = batch["attention_mask"][k].bool()
+        ids = batch["input_ids"][k][am].tolist()
+        row_mask = torch.zeros_like(am)
+        row_mask[am] = torch.tensor(_label_mask(processor, texts[k], spans[k], ids, row, counts[k]))
+        masks.append(row_mask)
+    return torch.stack(masks)
+
+
+def stack_blocks(blocks: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Stack encoded blocks of sequences that share the first block's images (vision once).
+
+    Text tensors and per-sequence vision entries (shaped like ``input_ids``) are left-padded to a
+    common length and concatenated; per-image entries (pixels, grids) are kept from the first block.
+    """
+    length = max(b["input_ids"].shape[1] for b in blocks)
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (length - x.shape[1], 0), value=value)
+
+    def per_sequence(block: dict, key: str) -> bool:
+        value = block["vision"].get(key)
+        return isinstance(value, torch.Tensor) and value.shape[:2] == block["input_ids"].shape
+
+    first = blocks[0]
+    out: dict[str, Any] = {
+        "input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in blocks]),
+        "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in blocks]),
+        "vision": {},
+    }
+    for key, value in first["vision"].items():
+        if per_sequence(first, key):
+            out["vision"][key] = torch.cat([pad(b["vision"][key], 0) for b in blocks])
+        else:
+            out["vision"][key] = value
+    return out
 
 
 def encode(processor, texts: list[str], images: list, **kwargs) -> dict[str, Any]:
@@ -134,16 +180,9 @@ class SFTCollator:
             counts.append(image_token_counts(self.processor, row_images))
             images += row_images
         batch = encode(self.processor, texts, images)
-        masks = []
-        for k, r in enumerate(rows):
-            am = batch["attention_mask"][k].bool()
-            ids = batch["input_ids"][k][am].tolist()
-            row_mask = torch.zeros_like(am)
-            row_mask[am] = torch.tensor(
-                _label_mask(self.processor, texts[k], spans[k], ids, r[ROW], counts[k])
-            )
-            masks.append(row_mask)
-        batch["labels_mask"] = torch.stack(masks)  # (B, T) bool
+        batch["labels_mask"] = label_masks(
+            self.processor, batch, texts, spans, counts, [r[ROW] for r in rows]
+        )
         batch["rows"] = [r[ROW] for r in rows]
         if self.with_prompts:
             prompts, answers = zip(*(strip_final_answer(r["messages"]) for r in rows), strict=True)

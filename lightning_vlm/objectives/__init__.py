@@ -1,6 +1,9 @@
 """One LightningModule per objective; all subclass :class:`VLMObjective`."""
 
 from lightning_vlm.objectives.base import VLMObjective
+from lightning_vlm.objectives.dpo import DPO
+from lightning_vlm.objectives.mpo import MPO
+from lightning_vlm.objectives.reward_model import RewardModel
 from lightning_vlm.objectives.sft import SFT
 
-__all__ = ["SFT", "VLMObjective"]
+__all__ = ["DPO", "MPO", "SFT", "RewardModel", "VLMObjective"]

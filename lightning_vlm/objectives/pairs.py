@@ -1,0 +1,124 @@
+"""Sequence log-probs of preference pairs for the policy and the reference, shared by DPO and MPO.
+
+Composed into the objectives (not a base class). A batch from the preference datamodule holds B
+chosen then B rejected sequences; with ``copies == 2`` the prompt images are held once and the
+vision tower runs once per pair. When the tower is frozen the reference reuses the policy's image
+features, so a step encodes each image exactly once. Reference log-probs can also be computed in
+one pass before training and cached per row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+
+from lightning_vlm.backbone import VLMBackbone
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+class PairLogps:
+    """Policy and reference log-probs of (chosen, rejected), summed or averaged over completion tokens.
+
+    Args:
+        backbone: The objective's backbone (built with a reference).
+        average: Token-mean instead of sum per sequence (IPO's length normalisation).
+    """
+
+    def __init__(self, backbone: VLMBackbone, average: bool = False):
+        self.backbone = backbone
+        self.average = average
+        self.cache: dict[str, dict[int, tuple[float, float]]] = {}  # split -> row -> (chosen, rejected)
+
+    def _sequence(self, logps: torch.Tensor, mask: torch.Tensor) -> Pair:
+        seq = logps.sum(-1)  # (2B,)
+        if self.average:
+            seq = seq / mask.sum(-1).clamp(min=1)
+        return tuple(seq.chunk(2))  # chosen (B,), rejected (B,)
+
+    def _features(self, batch: dict) -> Any:
+        """Encode the images once when the batch shares them, or when the reference can reuse them."""
+        shared = batch["copies"] > 1 or self.backbone.vision_is_frozen
+        return self.backbone.encode_images(batch["vision"]) if batch["vision"] and shared else None
+
+    def policy(self, batch: dict) -> tuple[Pair, torch.Tensor, Any]:
+        """((chosen, rejected), token log-probs (2B, T), image features) of the policy."""
+        features = self._features(batch)
+        logps = self.backbone.token_logps(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["vision"],
+            batch["labels_mask"],
+            copies=batch["copies"],
+            features=features,
+        )  # (2B, T)
+        return self._sequence(logps, batch["labels_mask"]), logps, features
+
+    @torch.no_grad()
+    def reference(self, batch: dict, features: Any = None) -> Pair:
+        """(chosen, rejected) of the reference: from the cache, or one no-grad forward."""
+        rows = self.cache.get(batch["split"])
+        if rows is not None and all(r in rows for r in batch["rows"]):
+            values = torch.tensor([rows[r] for r in batch["rows"]], device=batch["input_ids"].device)
+            return values[:, 0], values[:, 1]
+        if not self.backbone.vision_is_frozen:
+            features = None  # the reference tower differs from the trained one
+        with self.backbone.reference() as ref:
+            logps = self.backbone.token_logps(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["vision"],
+                batch["labels_mask"],
+                model=ref,
+                copies=batch["copies"],
+                features=features,
+            )
+        return self._sequence(logps, batch["labels_mask"])
+
+    @torch.no_grad()
+    def precompute(self, module, splits: tuple[str, ...] = ("train", "val")) -> None:
+        """Cache the reference log-probs of every row of ``splits`` (each rank scores its share)."""
+        dm = module.trainer.datamodule
+        if not hasattr(dm, "scan_dataloader"):
+            raise TypeError(
+                "precompute_ref_logps needs a datamodule with scan_dataloader (PreferenceDataModule)"
+            )
+        for split in splits:
+            if split in self.cache or split not in dm.datasets:
+                continue
+            rows, values = [], []
+            for batch in dm.scan_dataloader(split):
+                batch = move_data_to_device(batch, module.device)
+                with module.trainer.precision_plugin.forward_context():
+                    c, r = self.reference(batch, self._features(batch))
+                rows.append(torch.tensor(batch["rows"], device=module.device))
+                values.append(torch.stack([c, r], -1).float())
+            rows_t = module.all_gather(torch.cat(rows)).reshape(-1)  # (world * n,)
+            values_t = module.all_gather(torch.cat(values)).reshape(-1, 2)
+            self.cache[split] = {
+                int(i): (float(c), float(r))
+                for i, (c, r) in zip(rows_t.tolist(), values_t.tolist(), strict=True)
+            }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {split: {str(k): v for k, v in rows.items()} for split, rows in self.cache.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cache = {s: {int(k): tuple(v) for k, v in rows.items()} for s, rows in state.items()}
+
+
+def log_metrics(module, stage: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+    """Log a loss function's metrics under ``stage/`` (epoch means on held-out data)."""
+    on_step = stage == "train"
+    for key, value in metrics.items():
+        module.log(
+            f"{stage}/{key}",
+            value,
+            on_step=on_step,
+            on_epoch=not on_step,
+            batch_size=batch_size,
+            sync_dist=not on_step,
+            prog_bar=key in ("rewards/accuracies", "accuracy"),
+        )

@@ -1,0 +1,126 @@
+"""A vision-language reward model trained on preference pairs (Bradley-Terry).
+
+Paper: Ouyang et al. 2022 (InstructGPT), https://arxiv.org/abs/2203.02155, section 3.5; the margin
+follows Llama 2 (https://arxiv.org/abs/2307.09288) and the centring term Eisenstein et al. 2023
+(https://arxiv.org/abs/2312.09244).
+The shared backbone reads the image(s), the prompt and a response; a scalar head on the last
+hidden state of the last non-padding token gives the response's score. The loss makes the chosen
+response's score exceed the rejected one's (``-logsigmoid(rc - rr - margin)``), optionally keeping
+scores centred on 0. Chosen and rejected share the prompt's images, encoded once per pair.
+Closest sibling: DPO, which learns the same preferences as an implicit reward inside the policy
+instead of a separate scorer. The trained model exports as an HF folder plus ``reward_head``
+files, and :meth:`RewardModel.from_pretrained` loads it back to score rollouts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_vlm.backbone import BackboneConfig
+from lightning_vlm.losses import reward_model_loss
+from lightning_vlm.objectives.base import VLMObjective
+from lightning_vlm.objectives.pairs import log_metrics
+
+HEAD_FILE, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
+
+
+class RewardModel(VLMObjective):
+    """Backbone + scalar head, trained with the Bradley-Terry loss on image preference pairs."""
+
+    def __init__(self, backbone: BackboneConfig, center_coef: float | None = None, **kwargs: Any):
+        """
+        Args:
+            backbone: The VLM to turn into a scorer (usually the SFT model; LoRA works too).
+            center_coef: Weight of ``mean((rc + rr)**2)`` that keeps scores near 0 (e.g. 0.01);
+                ``null`` turns it off. A ``margin`` column in the data is used when present.
+            **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
+        """
+        super().__init__(backbone, **kwargs)
+        hidden = self.backbone.hf_config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.head.weight, std=1 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        model = self.backbone.model
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight is not inp.weight:
+            out.requires_grad_(False)  # the LM head is unused by a scorer; tied heads stay trainable
+
+    def scores(self, input_ids, attention_mask, vision, copies: int = 1) -> torch.Tensor:
+        """(N,) score of each sequence, read at its last non-padding token."""
+        hidden = self.backbone.hidden_states(input_ids, attention_mask, vision, copies=copies)  # (N, T, H)
+        last = attention_mask.cumsum(-1).argmax(-1)  # (N,) index of the last real token
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        s = self.scores(batch["input_ids"], batch["attention_mask"], batch["vision"], batch["copies"])
+        chosen, rejected = s.chunk(2)  # (B,), (B,)
+        margin = batch.get("margin")
+        if margin is not None:
+            margin = torch.tensor(margin, device=s.device)
+        return reward_model_loss(chosen, rejected, margin=margin, center_coef=self.hparams.center_coef)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss, metrics = self._loss(batch)
+        bs = len(batch["rows"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        log_metrics(self, "train", metrics, bs)
+        return self.guard(loss)
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        loss, metrics = self._loss(batch)
+        bs = len(batch["rows"])
+        self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True)
+        log_metrics(self, stage, metrics, bs)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        chosen, rejected = self.scores(
+            batch["input_ids"], batch["attention_mask"], batch["vision"], batch["copies"]
+        ).chunk(2)
+        return [
+            {"row": row, "score_chosen": float(a), "score_rejected": float(b)}
+            for row, a, b in zip(batch["rows"], chosen, rejected, strict=True)
+        ]
+
+    # ------------------------------------------------------------------ export / load
+    def save_extra(self, folder: str | Path) -> None:
+        """Write the head beside an exported backbone (called by ``ExportHF``)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE
+        )
+        (folder / HEAD_CONFIG).write_text(json.dumps({"hidden_size": self.head.in_features}))
+
+    @classmethod
+    def from_pretrained(cls, folder: str, **backbone: Any) -> RewardModel:
+        """Load an exported reward model (HF folder + head) in eval mode, ready to score.
+
+        Args:
+            folder: What ``ExportHF`` wrote for a RewardModel run.
+            **backbone: Extra :class:`BackboneConfig` settings (dtype, attn_implementation, ...).
+        """
+        from safetensors.torch import load_file
+
+        head = Path(folder) / HEAD_FILE
+        if not head.is_file():
+            raise FileNotFoundError(f"{folder}: no {HEAD_FILE} (not a reward model export)")
+        model = cls(BackboneConfig(model_name_or_path=str(folder), **backbone))
+        model.configure_model()
+        model.head.load_state_dict(load_file(str(head)))
+        return model.eval().requires_grad_(False)
