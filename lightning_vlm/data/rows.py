@@ -60,8 +60,10 @@ def load_source(source: str, columns: dict[str, str], required: tuple[str, ...])
     ds = ds.rename_columns(renames)
     for col in required:
         if col not in ds.column_names:
-            hint = "" if columns else " (map it with data.columns)"
-            raise KeyError(f"{source}: missing column {col!r}{hint}; the columns are {ds.column_names}")
+            raise KeyError(
+                f"{source}: missing column {col!r} (map it with data.columns, e.g. {{{col}: <their name>}}); "
+                f"the columns are {ds.column_names}"
+            )
     ds = ds.add_column(ROW, list(range(len(ds))))
     return ds.add_column(BASE, [base] * len(ds))
 

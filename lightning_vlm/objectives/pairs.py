@@ -39,9 +39,11 @@ class PairLogps:
         return tuple(seq.chunk(2))  # chosen (B,), rejected (B,)
 
     def _features(self, batch: dict) -> Any:
-        """Encode the images once when the batch shares them, or when the reference can reuse them."""
-        shared = batch["copies"] > 1 or self.backbone.vision_is_frozen
-        return self.backbone.encode_images(batch["vision"]) if batch["vision"] and shared else None
+        """Encode the batch's images once, for both sequences of each pair (and the reference, when
+        the tower is frozen). A per-sequence batch (``copies == 1``) takes the plain path."""
+        return (
+            self.backbone.encode_images(batch["vision"]) if batch["vision"] and batch["copies"] > 1 else None
+        )
 
     def policy(self, batch: dict) -> tuple[Pair, torch.Tensor, Any]:
         """((chosen, rejected), token log-probs (2B, T), image features) of the policy."""
