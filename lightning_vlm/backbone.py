@@ -100,7 +100,8 @@ def _resolve(config: BackboneConfig) -> str:
     if config.tiny is not None:
         return str(ensure_tiny_vlm(config.tiny))
     path = config.model_name_or_path
-    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+    local = path.startswith((".", "/", "~")) or path.count("/") > 1  # hub ids are "org/name"
+    if local and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"backbone.model_name_or_path: no model folder at {path}")
     return str(Path(path).expanduser()) if path.startswith("~") else path
 

@@ -31,3 +31,14 @@ def synthetic_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "data"
     write_synthetic(out, n_train=48, n_val=16, image_size=112, seed=0)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb_runs():
+    """Each test's W&B run ends with it; otherwise the next WandbLogger attaches to the open run."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
