@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +20,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_vlm.lora import add_lora
 from lightning_vlm.processing import load_processor
 from lightning_vlm.tiny import TinyVLM, ensure_tiny_vlm
+from lightning_vlm.vision import encode_images, shared_vision
 
 _VISION_ATTRS = ("visual", "vision_tower", "vision_model")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -188,50 +188,12 @@ class VLMBackbone(nn.Module):
         if cfg.lora is None and cfg.vision == "frozen":
             self._vision_of(model).requires_grad_(False)
         if cfg.lora is not None:
-            model = self._add_lora(model)
+            tower = self._vision_of(model)
+            model = add_lora(model, cfg.lora, cfg.vision, tower, self._vision_name(model))
         elif self.need_reference:
             # Bypass nn.Module registration: no state_dict entries, no optimiser parameters.
             object.__setattr__(self, "_reference", copy.deepcopy(model).eval().requires_grad_(False))
         self.model = model
-
-    def _add_lora(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        lora = self.config.lora
-        vision = self._vision_of(model)
-        vision_ids = {id(m) for m in vision.modules()}
-        head = model.get_output_embeddings()
-        wanted = None if lora.target_modules == "all-linear" else set(lora.target_modules)
-        names = []
-        for name, mod in model.named_modules():
-            if not isinstance(mod, nn.Linear) or mod is head:
-                continue
-            if id(mod) in vision_ids:  # vision layer names differ per family: adapt them all
-                if self.config.vision == "lora":
-                    names.append(name)
-            elif wanted is None or name.rsplit(".", 1)[-1] in wanted:
-                names.append(name)
-        if not names:
-            raise ValueError(f"backbone.lora.target_modules: no linear layer matches {lora.target_modules!r}")
-        if any(
-            name.endswith(".experts") and not isinstance(m, nn.Linear) for name, m in model.named_modules()
-        ):
-            warnings.warn(
-                "backbone.lora: fused MoE expert weights are not nn.Linear layers and get no adapters "
-                "(only the nn.Linear layers, e.g. attention projections, are adapted)",
-                stacklevel=2,
-            )
-        # vision: train under LoRA trains a copy of the tower (peft's modules_to_save), so that the
-        # disabled-adapter reference still sees the original tower and adapter exports include it.
-        keep = [self._vision_name(model)] if self.config.vision == "train" else None
-        peft_config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=names,
-            modules_to_save=keep,
-        )
-        return get_peft_model(model, peft_config)
 
     @classmethod
     def _vision_name(cls, model: nn.Module) -> str:
@@ -273,15 +235,8 @@ class VLMBackbone(nn.Module):
         :meth:`hidden_states` can share between several sequences (chosen and rejected, the G
         samples of a prompt) and, when the tower is frozen, between the policy and the reference.
         """
-        base = _unwrap(model if model is not None else self.model)
-        owner = base.model if hasattr(base.model, "get_image_features") else base
-        fn = owner.get_image_features
-        params = inspect.signature(fn).parameters
-        kwargs = {k: v for k, v in vision.items() if k in params}
-        tower = self._vision_of(model if model is not None else self.model)
-        trainable = any(p.requires_grad for p in tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            return {"image": fn(**kwargs, return_dict=True)}
+        model = model if model is not None else self.model
+        return encode_images(_unwrap(model), self._vision_of(model), vision)
 
     @property
     def vision_is_frozen(self) -> bool:
@@ -315,7 +270,7 @@ class VLMBackbone(nn.Module):
         if vision and (copies > 1 or features is not None):
             if features is None:
                 features = self.encode_images(vision, model)
-            vision = _shared_vision(vision, tuple(input_ids.shape), copies, features)
+            vision = shared_vision(vision, tuple(input_ids.shape), copies, features)
         out = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision)
         return out.last_hidden_state
 
@@ -443,37 +398,3 @@ def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: nn.Module, softcap: flo
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _shared_vision(vision: dict[str, Any], shape: tuple[int, int], copies: int, features: dict) -> dict:
-    """The vision kwargs for ``copies`` blocks of sequences that share precomputed image features."""
-    out: dict[str, Any] = {}
-    for key, value in vision.items():
-        if key.startswith("pixel_"):  # replaced by the features
-            continue
-        if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == shape:
-            out[key] = value  # per sequence, already covers every row (mm_token_type_ids, ...)
-        elif isinstance(value, torch.Tensor) and copies > 1:
-            out[key] = torch.cat([value] * copies)  # per image (image_grid_thw, image_sizes, ...)
-        else:
-            out[key] = value
-    out["mm_encoder_outputs"] = {m: _repeat_output(o, copies) for m, o in features.items()}
-    return out
-
-
-def _repeat(value: Any, copies: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.cat([value] * copies)
-    return list(value) * copies  # one tensor per image
-
-
-def _repeat_output(output: Any, copies: int) -> Any:
-    """Image features of B prompts -> the same for ``copies`` blocks of B sequences (block order)."""
-    if copies == 1:
-        return output
-    output = copy.copy(output)
-    output.pooler_output = _repeat(output.pooler_output, copies)
-    deep = getattr(output, "deepstack_features", None)  # Qwen3-VL: per layer, per image
-    if deep is not None:
-        output.deepstack_features = [_repeat(layer, copies) for layer in deep]
-    return output

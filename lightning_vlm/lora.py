@@ -1,0 +1,45 @@
+"""LoRA adapters on the language model (and optionally the vision tower) with peft."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+
+def add_lora(model: nn.Module, lora: Any, vision_mode: str, tower: nn.Module, tower_name: str) -> nn.Module:
+    """Wrap ``model`` in peft LoRA adapters per ``lora`` (a LoraSettings) and the vision mode."""
+    from peft import LoraConfig, get_peft_model
+
+    vision_ids = {id(m) for m in tower.modules()}
+    head = model.get_output_embeddings()
+    wanted = None if lora.target_modules == "all-linear" else set(lora.target_modules)
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or mod is head:
+            continue
+        if id(mod) in vision_ids:  # vision layer names differ per family: adapt them all
+            if vision_mode == "lora":
+                names.append(name)
+        elif wanted is None or name.rsplit(".", 1)[-1] in wanted:
+            names.append(name)
+    if not names:
+        raise ValueError(f"backbone.lora.target_modules: no linear layer matches {lora.target_modules!r}")
+    if any(name.endswith(".experts") and not isinstance(m, nn.Linear) for name, m in model.named_modules()):
+        warnings.warn(
+            "backbone.lora: fused MoE expert weights are not nn.Linear layers and get no adapters "
+            "(only the nn.Linear layers, e.g. attention projections, are adapted)",
+            stacklevel=2,
+        )
+    # vision: train under LoRA trains a copy of the tower (peft's modules_to_save), so that the
+    # disabled-adapter reference still sees the original tower and adapter exports include it.
+    keep = [tower_name] if vision_mode == "train" else None
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=names,
+        modules_to_save=keep,
+    )
+    return get_peft_model(model, peft_config)

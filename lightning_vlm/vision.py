@@ -1,0 +1,65 @@
+"""Vision once: encode a batch's images once and share the features between sequences.
+
+Several sequences per prompt (a preference pair's chosen and rejected, the G samples of a rollout
+group) are laid out as ``copies`` blocks of B sequences; the B prompts' images are encoded once
+and the features repeated block by block. transformers 5 models accept precomputed features as
+``mm_encoder_outputs``, which is what this module builds.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def encode_images(model: nn.Module, tower: nn.Module, vision: dict[str, Any]) -> dict[str, Any]:
+    """``{"image": output of the model's get_image_features}`` for the images in ``vision``.
+
+    Gradients flow only when the tower has trainable weights (a frozen tower encodes without
+    keeping activations).
+    """
+    owner = model.model if hasattr(model.model, "get_image_features") else model
+    fn = owner.get_image_features
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in vision.items() if k in params}
+    trainable = any(p.requires_grad for p in tower.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+        return {"image": fn(**kwargs, return_dict=True)}
+
+
+def shared_vision(vision: dict[str, Any], shape: tuple[int, int], copies: int, features: dict) -> dict:
+    """The vision kwargs for ``copies`` blocks of sequences that share precomputed image features."""
+    out: dict[str, Any] = {}
+    for key, value in vision.items():
+        if key.startswith("pixel_"):  # replaced by the features
+            continue
+        if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == shape:
+            out[key] = value  # per sequence, already covers every row (mm_token_type_ids, ...)
+        elif isinstance(value, torch.Tensor) and copies > 1:
+            out[key] = torch.cat([value] * copies)  # per image (image_grid_thw, image_sizes, ...)
+        else:
+            out[key] = value
+    out["mm_encoder_outputs"] = {m: _repeat_output(o, copies) for m, o in features.items()}
+    return out
+
+
+def _repeat(value: Any, copies: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value] * copies)
+    return list(value) * copies  # one tensor per image
+
+
+def _repeat_output(output: Any, copies: int) -> Any:
+    """Image features of B prompts -> the same for ``copies`` blocks of B sequences (block order)."""
+    if copies == 1:
+        return output
+    output = copy.copy(output)
+    output.pooler_output = _repeat(output.pooler_output, copies)
+    deep = getattr(output, "deepstack_features", None)  # Qwen3-VL: per layer, per image
+    if deep is not None:
+        output.deepstack_features = [_repeat(layer, copies) for layer in deep]
+    return output
