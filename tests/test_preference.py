@@ -426,3 +426,30 @@ def test_interrupted_mpo_run_resumes_with_the_same_delta(tmp_path, synthetic_dir
     assert resumed.model.delta == straight.model.delta != 0.0
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in straight.model.trainable_named_parameters())
+
+
+@pytest.mark.parametrize("objective", ["dpo", "mpo", "rm"])
+def test_real_recipe_instantiates_against_a_saved_tiny_folder(objective, tmp_path):
+    from lightning_vlm.cli import VLMCLI
+    from lightning_vlm.tiny import ensure_tiny_vlm
+
+    folder = ensure_tiny_vlm(TinyVLM(family="qwen2_vl"))
+    cli = VLMCLI(
+        args=[
+            "--config", str(ROOT / "zoo" / f"qwen2vl_{objective}.yaml"),
+            "--model.init_args.backbone.model_name_or_path", str(folder),
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        ],
+        run=False,
+    )  # fmt: skip
+    module = cli.model
+    module.configure_model()
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    expected_extra = {"head.weight", "head.bias"} if objective == "rm" else set()
+    assert {n for n in trainable if "lora_" not in n} == expected_extra
+    assert cli.datamodule.columns == {"images": "image", "prompt": "question"}
+    assert module.backbone._reference is None  # LoRA: the reference is the disabled adapters
+    if objective == "mpo":
+        h = module.hparams
+        assert (h.preference_weight, h.quality_weight, h.generation_weight) == (0.8, 0.2, 1.0)

@@ -88,6 +88,38 @@ class VLMObjective(L.LightningModule):
             )
         return None
 
+    # ------------------------------------------------------------------ steps
+    # An objective whose steps are "compute (loss, metrics), log them" only implements _loss;
+    # SFT, which also generates on held-out data, overrides the steps.
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _step(self, batch: dict, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute and log the loss and a loss function's metrics under ``stage/``."""
+        loss, metrics = self._loss(batch)
+        bs = len(batch["rows"])
+        train = stage == "train"
+        for key, value in {"loss": loss, **metrics}.items():
+            self.log(
+                f"{stage}/{key}",
+                value,
+                on_step=train,
+                on_epoch=not train,
+                batch_size=bs,
+                sync_dist=not train,
+                prog_bar=key in ("loss", "rewards/accuracies", "accuracy"),
+            )
+        return loss, metrics
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        return self.guard(self._step(batch, "train")[0])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test")
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams

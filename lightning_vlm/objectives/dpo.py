@@ -19,7 +19,7 @@ import torch
 from lightning_vlm.backbone import BackboneConfig
 from lightning_vlm.losses import dpo_loss, hinge_loss, ipo_loss
 from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.objectives.pairs import PairLogps, log_metrics
+from lightning_vlm.objectives.pairs import PairLogps
 
 
 class DPO(VLMObjective):
@@ -68,25 +68,6 @@ class DPO(VLMObjective):
         if h.loss_type == "hinge":
             return hinge_loss(c, r, rc, rr, beta=h.beta)
         return dpo_loss(c, r, rc, rr, beta=h.beta, label_smoothing=h.label_smoothing)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        loss, metrics = self._loss(batch)
-        bs = len(batch["rows"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        log_metrics(self, "train", metrics, bs)
-        return self.guard(loss)
-
-    def _evaluate(self, batch: dict, stage: str) -> None:
-        loss, metrics = self._loss(batch)
-        bs = len(batch["rows"])
-        self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True)
-        log_metrics(self, stage, metrics, bs)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         (c, r), _, features = self.pairs.policy(batch)

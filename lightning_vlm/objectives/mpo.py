@@ -20,7 +20,7 @@ import torch
 from lightning_vlm.backbone import BackboneConfig
 from lightning_vlm.losses import bco_pair_loss, dpo_loss, sft_loss
 from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.objectives.pairs import PairLogps, log_metrics
+from lightning_vlm.objectives.pairs import PairLogps
 
 
 class MPO(VLMObjective):
@@ -83,10 +83,7 @@ class MPO(VLMObjective):
         return sum(terms.values()), metrics
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        loss, metrics = self._loss(batch)
-        bs = len(batch["rows"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        log_metrics(self, "train", metrics, bs)
+        loss, metrics = self._step(batch, "train")
         loss = self.guard(loss)
         if loss is not None:
             self._step_rewards.append(metrics["rewards/batch_mean"])
@@ -101,18 +98,6 @@ class MPO(VLMObjective):
         self.delta_sum += float(step_mean)
         self.delta_count += 1
         self._step_rewards.clear()
-
-    def _evaluate(self, batch: dict, stage: str) -> None:
-        loss, metrics = self._loss(batch)
-        bs = len(batch["rows"])
-        self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True)
-        log_metrics(self, stage, metrics, bs)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

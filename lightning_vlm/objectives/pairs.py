@@ -109,18 +109,3 @@ class PairLogps:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cache = {s: {int(k): tuple(v) for k, v in rows.items()} for s, rows in state.items()}
-
-
-def log_metrics(module, stage: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
-    """Log a loss function's metrics under ``stage/`` (epoch means on held-out data)."""
-    on_step = stage == "train"
-    for key, value in metrics.items():
-        module.log(
-            f"{stage}/{key}",
-            value,
-            on_step=on_step,
-            on_epoch=not on_step,
-            batch_size=batch_size,
-            sync_dist=not on_step,
-            prog_bar=key in ("rewards/accuracies", "accuracy"),
-        )

@@ -24,7 +24,6 @@ from torch import nn
 from lightning_vlm.backbone import BackboneConfig
 from lightning_vlm.losses import reward_model_loss
 from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.objectives.pairs import log_metrics
 
 HEAD_FILE, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
 
@@ -67,25 +66,6 @@ class RewardModel(VLMObjective):
         if margin is not None:
             margin = torch.tensor(margin, device=s.device)
         return reward_model_loss(chosen, rejected, margin=margin, center_coef=self.hparams.center_coef)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        loss, metrics = self._loss(batch)
-        bs = len(batch["rows"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        log_metrics(self, "train", metrics, bs)
-        return self.guard(loss)
-
-    def _evaluate(self, batch: dict, stage: str) -> None:
-        loss, metrics = self._loss(batch)
-        bs = len(batch["rows"])
-        self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True)
-        log_metrics(self, stage, metrics, bs)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         chosen, rejected = self.scores(
