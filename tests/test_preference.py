@@ -110,6 +110,24 @@ def test_rlaif_v_and_mmpr_layouts_give_the_same_batch(backbone, tmp_path):
         assert torch.equal(got["vision"]["pixel_values"], want["vision"]["pixel_values"])
 
 
+def test_multi_turn_prompt_labels_only_the_response(backbone, tmp_path):
+    img = _image(tmp_path)
+    source = _write(tmp_path / "turns.jsonl", [{
+        "images": [img],
+        "prompt": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "And the shape?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "circle"}],
+        "rejected": [{"role": "assistant", "content": "square"}],
+    }])  # fmt: skip
+    batch = _first(_dm(backbone.processor, source))
+    tok = backbone.tokenizer
+    labelled = [tok.decode(batch["input_ids"][i][batch["labels_mask"][i]]) for i in range(2)]
+    assert labelled == ["circle<|im_end|>", "square<|im_end|>"]  # not the prompt's earlier "red"
+
+
 _GOOD_REPLY = [{"role": "assistant", "content": "red"}]
 
 

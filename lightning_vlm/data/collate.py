@@ -24,11 +24,11 @@ def render(processor, messages: list[dict], add_generation_prompt: bool = False)
 
 
 def assistant_spans(
-    processor, messages: list[dict], row: int, start: int = 0, field: str = "messages"
+    processor, messages: list[dict], row: int, first: int = 0, field: str = "messages"
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` and return the text with the character spans of assistant replies.
 
-    Only replies at message index ``start`` or later count (a preference pair's completion, not
+    Only replies at message index ``first`` or later count (a preference pair's completion, not
     the earlier turns of its prompt).
 
     A span covers the reply and its end-of-turn token (so the model learns to stop) and not the
@@ -38,7 +38,7 @@ def assistant_spans(
     text = render(processor, messages)
     spans = []
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant" or i < start:
+        if msg["role"] != "assistant" or i < first:
             continue
         start = len(render(processor, messages[:i], add_generation_prompt=True)) if i else 0
         end_text = render(processor, messages[: i + 1])
