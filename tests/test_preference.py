@@ -471,3 +471,31 @@ def test_real_recipe_instantiates_against_a_saved_tiny_folder(objective, tmp_pat
     if objective == "mpo":
         h = module.hparams
         assert (h.preference_weight, h.quality_weight, h.generation_weight) == (0.8, 0.2, 1.0)
+
+
+def test_predict_rows(synthetic_dir):
+    torch.manual_seed(0)
+    dpo = DPO(BackboneConfig(tiny=TinyVLM()), beta=0.5)
+    dpo.configure_model()
+    batch = _first(_dm(dpo.backbone.processor, synthetic_dir / "pref_val.jsonl"))
+    with torch.no_grad():
+        rows = dpo.predict_step(batch, 0)
+    assert [r["row"] for r in rows] == batch["rows"]
+    assert all(r["reward_chosen"] == 0.0 and r["reward_rejected"] == 0.0 for r in rows)  # policy == reference
+    with torch.no_grad():
+        for p in dpo.trainable_named_parameters().values():  # the frozen tower stays as it is
+            p.add_(0.01 * torch.randn_like(p))
+        (c, r), _, _ = dpo.pairs.policy(batch)
+        rc, rr = dpo.pairs.reference(batch)
+        rows = dpo.predict_step(batch, 0)
+    assert [x["reward_chosen"] for x in rows] == pytest.approx((0.5 * (c - rc)).tolist(), abs=1e-6)
+    assert any(x["reward_rejected"] != 0.0 for x in rows)
+
+    rm = RewardModel(BackboneConfig(tiny=TinyVLM()))
+    rm.configure_model()
+    with torch.no_grad():
+        rows = rm.predict_step(batch, 0)
+        s = rm.scores(batch["input_ids"], batch["attention_mask"], batch["vision"], batch["copies"])
+    n = len(batch["rows"])
+    assert [x["score_chosen"] for x in rows] == pytest.approx(s[:n].tolist(), abs=1e-6)
+    assert [x["score_rejected"] for x in rows] == pytest.approx(s[n:].tolist(), abs=1e-6)
