@@ -1,7 +1,8 @@
 """DPO training steps with vision once (one image encoding per pair) vs one encoding per sequence.
 
-Both variants train the same DPO module on the same pairs (224 x 224 images, one per prompt) and
-alternate step by step in one process, so machine noise hits both alike. "per sequence" is what
+Both variants train the same DPO module on the same pairs (224 x 224 images; one per prompt, two
+in the synthetic split's comparison questions) and alternate step by step in one process, so
+machine noise hits both alike. "per sequence" is what
 most trainers do: the chosen and the rejected sequence each carry the image, and the reference
 forward encodes it again. "vision once" encodes each prompt's image once per step: both sequences
 of the pair reuse the features, and so does the reference when the tower is frozen.

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_vlm.lora import add_lora
 from lightning_vlm.processing import load_processor
 from lightning_vlm.tiny import TinyVLM, ensure_tiny_vlm
-from lightning_vlm.vision import encode_images, shared_vision
+from lightning_vlm.vision import encode_images, has_images, image_side_parameters, shared_vision
 
 _VISION_ATTRS = ("visual", "vision_tower", "vision_model")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -229,19 +229,20 @@ class VLMBackbone(nn.Module):
         return base.model, base.get_output_embeddings()
 
     def encode_images(self, vision: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
-        """Run the vision tower once on the batch's images.
+        """Run the image side (vision tower and projector) once on the batch's images.
 
         Returns transformers' ``mm_encoder_outputs`` (``{"image": output}``), which
         :meth:`hidden_states` can share between several sequences (chosen and rejected, the G
-        samples of a prompt) and, when the tower is frozen, between the policy and the reference.
+        samples of a prompt) and, when :attr:`vision_is_frozen`, between the policy and the reference.
         """
         model = model if model is not None else self.model
-        return encode_images(_unwrap(model), self._vision_of(model), vision)
+        return encode_images(_unwrap(model), image_side_parameters(_unwrap(model)), vision)
 
     @property
     def vision_is_frozen(self) -> bool:
-        """The tower never changes (policy and reference see the same image features)."""
-        return self.config.vision == "frozen"
+        """Nothing on the image side trains (tower, projector or adapters on them), so the policy and
+        the reference compute the same image features."""
+        return not any(p.requires_grad for p in image_side_parameters(_unwrap(self.model)))
 
     def hidden_states(
         self,
@@ -267,7 +268,7 @@ class VLMBackbone(nn.Module):
         """
         model = model if model is not None else self.model
         inner, _ = self._parts(model)
-        if vision and (copies > 1 or features is not None):
+        if has_images(vision) and (copies > 1 or features is not None):
             if features is None:
                 features = self.encode_images(vision, model)
             vision = shared_vision(vision, tuple(input_ids.shape), copies, features)
@@ -329,10 +330,7 @@ class VLMBackbone(nn.Module):
             with torch.no_grad():
                 yield self._reference
         elif self.need_reference:
-            raise RuntimeError(
-                "the reference copy was released after its log-probs were precomputed, and these rows "
-                "are not in that cache"
-            )
+            raise RuntimeError("the reference copy was released after its log-probs were precomputed")
         else:
             raise RuntimeError("backbone was built without need_reference=True")
 

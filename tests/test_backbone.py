@@ -342,15 +342,17 @@ def test_left_padding_does_not_change_logps(family, synthetic_dir):
             )
 
 
+@pytest.mark.parametrize("vision", ["frozen", "train"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_vision_once_equals_images_per_sequence(family, synthetic_dir):
+def test_vision_once_equals_images_per_sequence(family, vision, synthetic_dir):
     """Two blocks of sequences sharing one encoding of the images == each sequence with its own copy:
-    same log-probs and vision-tower gradients, with half the patches through the tower."""
+    same log-probs and gradients of every trainable weight (LLaVA's projector, outside the tower,
+    trains even with a frozen tower), with half the patches through the tower."""
     from lightning_vlm.data import PreferenceDataModule
     from lightning_vlm.data.preference import PreferenceCollator
 
     torch.manual_seed(0)
-    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family), vision="train"))
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family), vision=vision))
     bb.load()
     dm = PreferenceDataModule(train=str(synthetic_dir / "pref_train.jsonl"))
     dm.processor = bb.processor
@@ -363,15 +365,17 @@ def test_vision_once_equals_images_per_sequence(family, synthetic_dir):
     )
     fed: list[int] = []
     bb.vision_tower.register_forward_hook(lambda mod, args, out: fed.append(args[0].shape[0]))
-    tower = [p for p in bb.vision_tower.parameters()]
+    params = [p for p in bb.model.parameters() if p.requires_grad]
     results = []
     for batch in (once, per_seq):
         logps = bb.token_logps(batch["input_ids"], batch["attention_mask"], batch["vision"],
                                batch["labels_mask"], copies=batch["copies"])  # fmt: skip
-        grads = torch.autograd.grad(logps.sum(), tower, allow_unused=True)  # LLaVA skips its last block
-        results.append((logps, [g for g in grads if g is not None]))
+        grads = torch.autograd.grad(logps.sum(), params, allow_unused=True)  # LLaVA skips its last block
+        results.append((logps, grads))
     (a, ga), (b, gb) = results
     assert torch.allclose(a, b, atol=1e-5)
-    assert ga and len(ga) == len(gb)
-    assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(ga, gb, strict=True))
+    for x, y in zip(ga, gb, strict=True):
+        assert (x is None) == (y is None)
+        assert x is None or torch.allclose(x, y, atol=1e-5, rtol=1e-4)
     assert len(fed) == 2 and 2 * fed[0] == fed[1]
+    assert bb.vision_is_frozen == (vision == "frozen" and family != "llava")  # LLaVA's projector trains

@@ -224,6 +224,22 @@ def _count_tower_ref(module) -> list[int]:
     return seen
 
 
+def test_pairs_without_images(backbone, tmp_path):
+    """Text-only pairs (the processor still returns mm_token_type_ids) take the plain path."""
+    source = _write(tmp_path / "text.jsonl", [
+        {"images": [], "prompt": "Say a colour.", "chosen": "red", "rejected": "blue"},
+        {"images": [], "prompt": "Say a shape.", "chosen": "circle", "rejected": "square"},
+    ])  # fmt: skip
+    module = DPO(BackboneConfig(tiny=TinyVLM()))
+    module.configure_model()
+    dm = _dm(module.backbone.processor, source, batch_size=2)
+    batch = _first(dm)
+    assert "pixel_values" not in batch["vision"]
+    loss, metrics = module._loss(batch)
+    assert torch.isfinite(loss) and metrics["rewards/accuracies"].item() == 0.0  # policy == reference
+    loss.backward()
+
+
 def test_vision_once_gives_the_same_loss_and_gradients(synthetic_dir):
     torch.manual_seed(0)
     module = DPO(BackboneConfig(tiny=TinyVLM(), vision="train"))
@@ -245,11 +261,12 @@ def _snapshot(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 @pytest.mark.parametrize("cls", [DPO, MPO, RewardModel])
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4)], ids=["full", "lora"])
-def test_trainable_weights_move_frozen_and_reference_stay(cls, lora, synthetic_dir):
+def test_trainable_weights_move_frozen_and_reference_stay(cls, lora, family, synthetic_dir):
     torch.manual_seed(0)
-    module = cls(BackboneConfig(tiny=TinyVLM(), lora=lora), lr=1e-3)
+    module = cls(BackboneConfig(tiny=TinyVLM(family=family), lora=lora), lr=1e-3)
     module.configure_model()
     before = _snapshot(module)
     ref = module.backbone._reference
@@ -261,7 +278,7 @@ def test_trainable_weights_move_frozen_and_reference_stay(cls, lora, synthetic_d
     assert all(torch.equal(p, ref_before[n]) for n, p in (ref.named_parameters() if ref is not None else []))
     if lora is not None and cls is not RewardModel:  # the reference is the base: adapters off
         batch = _first(_dm(module.backbone.processor, synthetic_dir / "pref_train.jsonl"))
-        fresh = cls(BackboneConfig(tiny=TinyVLM()))
+        fresh = cls(BackboneConfig(tiny=TinyVLM(family=family)))
         fresh.configure_model()
         with torch.no_grad():
             assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(
@@ -284,8 +301,9 @@ def test_precomputed_reference_logps_equal_the_live_ones(synthetic_dir):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got, strict=True))
     trained = {n: p for n, p in live.named_parameters()}
     assert all(torch.allclose(p, trained[n], atol=1e-5) for n, p in cached.named_parameters())
+    assert cached.pairs.sources["train"].endswith("pref_train.jsonl (48 rows)")
     batch["rows"] = [10_000]  # not cached, and no reference left to score it
-    with pytest.raises(RuntimeError, match="released"):
+    with pytest.raises(RuntimeError, match=r"split 'train': rows \[10000\] have no precomputed .* released"):
         cached.pairs.reference(batch)
 
 

@@ -9,13 +9,16 @@ one pass before training and cached per row.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
 from lightning_vlm.backbone import VLMBackbone
+from lightning_vlm.vision import has_images
 
+log = logging.getLogger(__name__)
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -31,6 +34,7 @@ class PairLogps:
         self.backbone = backbone
         self.average = average
         self.cache: dict[str, dict[int, tuple[float, float]]] = {}  # split -> row -> (chosen, rejected)
+        self.sources: dict[str, str] = {}  # split -> "source (N rows)" the cache was computed on
 
     def _sequence(self, logps: torch.Tensor, mask: torch.Tensor) -> Pair:
         seq = logps.sum(-1)  # (2B,)
@@ -41,9 +45,8 @@ class PairLogps:
     def _features(self, batch: dict) -> Any:
         """Encode the batch's images once, for both sequences of each pair (and the reference, when
         the tower is frozen). A per-sequence batch (``copies == 1``) takes the plain path."""
-        return (
-            self.backbone.encode_images(batch["vision"]) if batch["vision"] and batch["copies"] > 1 else None
-        )
+        shared = batch["copies"] > 1 and has_images(batch["vision"])
+        return self.backbone.encode_images(batch["vision"]) if shared else None
 
     def policy(self, batch: dict) -> tuple[Pair, torch.Tensor, Any]:
         """((chosen, rejected), token log-probs (2B, T), image features) of the policy."""
@@ -65,8 +68,15 @@ class PairLogps:
         if rows is not None and all(r in rows for r in batch["rows"]):
             values = torch.tensor([rows[r] for r in batch["rows"]], device=batch["input_ids"].device)
             return values[:, 0], values[:, 1]
+        if self.backbone.config.lora is None and self.backbone._reference is None:
+            missing = [r for r in batch["rows"] if r not in (rows or {})]
+            raise RuntimeError(
+                f"split {batch['split']!r}: rows {missing[:5]} have no precomputed reference log-probs and "
+                "the reference copy was released after precomputing (train and val are cached; run "
+                "test/predict in their own command, or set precompute_ref_logps: false)"
+            )
         if not self.backbone.vision_is_frozen:
-            features = None  # the reference tower differs from the trained one
+            features = None  # the reference's image side differs from the trained one
         with self.backbone.reference() as ref:
             logps = self.backbone.token_logps(
                 batch["input_ids"],
@@ -88,8 +98,15 @@ class PairLogps:
                 "precompute_ref_logps needs a datamodule with scan_dataloader (PreferenceDataModule)"
             )
         for split in splits:
-            if split in self.cache or split not in dm.datasets:
+            if split not in dm.datasets:
                 continue
+            source = f"{dm.sources[split]} ({len(dm.datasets[split])} rows)"
+            if split in self.cache and self.sources.get(split) == source:
+                continue
+            if split in self.cache:
+                log.warning(
+                    "%s: reference log-probs were cached for %s; recomputing", source, self.sources.get(split)
+                )
             rows, values = [], []
             for batch in dm.scan_dataloader(split):
                 batch = move_data_to_device(batch, module.device)
@@ -103,9 +120,13 @@ class PairLogps:
                 int(i): (float(c), float(r))
                 for i, (c, r) in zip(rows_t.tolist(), values_t.tolist(), strict=True)
             }
+            self.sources[split] = source
 
     def state_dict(self) -> dict[str, Any]:
-        return {split: {str(k): v for k, v in rows.items()} for split, rows in self.cache.items()}
+        rows = {split: {str(k): v for k, v in cached.items()} for split, cached in self.cache.items()}
+        return {"rows": rows, "sources": dict(self.sources)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cache = {s: {int(k): tuple(v) for k, v in rows.items()} for s, rows in state.items()}
+        rows = state.get("rows", {})
+        self.cache = {s: {int(k): tuple(v) for k, v in cached.items()} for s, cached in rows.items()}
+        self.sources = dict(state.get("sources", {}))
