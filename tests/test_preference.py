@@ -307,12 +307,28 @@ def test_precomputed_reference_logps_equal_the_live_ones(synthetic_dir):
         cached.pairs.reference(batch)
 
 
+def test_label_smoothing_is_for_the_sigmoid_loss_only():
+    with pytest.raises(ValueError, match="label_smoothing applies to loss_type 'sigmoid' only"):
+        DPO(BackboneConfig(tiny=TinyVLM()), loss_type="ipo", label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
 def test_dpo_variants_train(loss_type, synthetic_dir):
     module = DPO(BackboneConfig(tiny=TinyVLM()), loss_type=loss_type, lr=1e-3)
     trainer = _fit(module, synthetic_dir, steps=2)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert module.pairs.average == (loss_type == "ipo")
+    batch = _first(_dm(module.backbone.processor, synthetic_dir / "pref_train.jsonl"))
+    with torch.no_grad():
+        (c, r), logps, _ = module.pairs.policy(batch)
+        loss, _ = module._loss(batch)
+    mask, n = batch["labels_mask"], len(batch["rows"])
+    sums = logps.sum(-1)
+    want = sums / mask.sum(-1) if loss_type == "ipo" else sums  # IPO: token means, as in its paper
+    assert torch.allclose(torch.cat([c, r]), want, atol=1e-5)
+    rc, rr = module.pairs.reference(batch)
+    gap = (c - rc) - (r - rr)
+    expected = ((gap - 1 / (2 * 0.1)) ** 2).mean() if loss_type == "ipo" else torch.relu(1 - 0.1 * gap).mean()
+    assert torch.allclose(loss, expected, atol=1e-5) and n == len(c)
 
 
 # ---------------------------------------------------------------- MPO delta
