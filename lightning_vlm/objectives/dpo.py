@@ -57,7 +57,6 @@ class DPO(VLMObjective):
     def on_fit_start(self) -> None:
         if self.hparams.precompute_ref_logps:
             self.pairs.precompute(self)
-            self.backbone.release_reference()
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         (c, r), _, features = self.pairs.policy(batch)

@@ -62,7 +62,6 @@ class MPO(VLMObjective):
     def on_fit_start(self) -> None:
         if self.hparams.precompute_ref_logps:
             self.pairs.precompute(self)
-            self.backbone.release_reference()
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         h = self.hparams

@@ -91,7 +91,8 @@ class PairLogps:
 
     @torch.no_grad()
     def precompute(self, module, splits: tuple[str, ...] = ("train", "val")) -> None:
-        """Cache the reference log-probs of every row of ``splits`` (each rank scores its share)."""
+        """Cache the reference log-probs of every row of ``splits`` (each rank scores its share), then
+        release the frozen reference copy: steps read the cache instead of running it."""
         dm = module.trainer.datamodule
         if not hasattr(dm, "scan_dataloader"):
             raise TypeError(
@@ -121,6 +122,7 @@ class PairLogps:
                 for i, (c, r) in zip(rows_t.tolist(), values_t.tolist(), strict=True)
             }
             self.sources[split] = source
+        self.backbone.release_reference()
 
     def state_dict(self) -> dict[str, Any]:
         rows = {split: {str(k): v for k, v in cached.items()} for split, cached in self.cache.items()}
