@@ -1,0 +1,104 @@
+"""Prompt data for online RL (GRPO, GSPO, PPO): a prompt with its image(s) and any reference columns.
+
+Rows are ``{"images", "prompt", "answer"?, ...}``. The prompt is a chat message list ending with a
+user turn, or a plain string whose ``<image>`` markers place the images (without markers the images
+come first). Every other column travels with the batch so that reward functions can take it as a
+keyword (``answer``, ``task``, ``images``, ...). Public layouts map onto it with ``data.columns``
+(docs/data.md): multimodal-open-r1-8k-verified and CLEVR-style sets
+(``{images: image, prompt: problem, answer: solution}``), geometry3k
+(``{prompt: problem}``, ``<image>`` markers in the problem).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from lightning_vlm.data.base import VLMDataModule
+from lightning_vlm.data.collate import encode, render
+from lightning_vlm.data.preference import prompt_messages
+from lightning_vlm.data.rows import BASE, ROW, as_list, open_image
+
+NOT_IN_COLUMNS = ("prompt", ROW, BASE)  # the prompt travels as `prompts`
+
+
+def _clean(messages: list[dict]) -> list[dict]:
+    """Drop the ``None`` fields Arrow adds when it unifies parts (``{"type": "image", "text": None}``)."""
+    out = []
+    for msg in messages:
+        content = msg["content"]
+        if isinstance(content, list):
+            content = [{k: v for k, v in part.items() if v is not None} for part in content]
+        out.append({**{k: v for k, v in msg.items() if v is not None}, "content": content})
+    return out
+
+
+def row_prompt(row: dict) -> list[dict]:
+    """The row's prompt as chat messages (checked against its image count)."""
+    return _clean(prompt_messages(row["prompt"], len(as_list(row.get("images"))), row[ROW]))
+
+
+class PromptCollator:
+    """Collate prompt rows into one left-padded batch of generation prompts.
+
+    The batch is ``{"input_ids", "attention_mask", "vision", "rows", "split", "prompts", "images",
+    "columns"}``: ``prompts`` holds each row's chat messages, ``images`` its opened RGB images and
+    ``columns`` every other dataset column as ``{name: [value per row]}`` (``columns["images"]`` is
+    ``images``), for the reward functions.
+
+    Args:
+        processor: The backbone's processor (left padding).
+        split: Name of the split, carried in the batch.
+    """
+
+    def __init__(self, processor, split: str = "train"):
+        self.processor = processor
+        self.split = split
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        prompts = [row_prompt(r) for r in rows]
+        texts = [render(self.processor, p, add_generation_prompt=True) for p in prompts]
+        images = [[open_image(ref, r[BASE], r[ROW]) for ref in as_list(r.get("images"))] for r in rows]
+        batch = encode(self.processor, texts, [im for row_images in images for im in row_images])
+        names = [k for k in rows[0] if k not in NOT_IN_COLUMNS]
+        columns = {k: [r[k] for r in rows] for k in names}
+        columns["images"] = images
+        batch.update(
+            rows=[r[ROW] for r in rows], split=self.split, prompts=prompts, images=images, columns=columns
+        )
+        return batch
+
+
+class PromptDataModule(VLMDataModule):
+    """Prompts with images for online RL: GRPO, GSPO and PPO (docs/data.md).
+
+    Each batch holds B left-padded generation prompts; the rollout samples completions from them
+    and scores them with reward functions that receive the rows' columns as keywords.
+    ``max_length`` and ``overlong`` apply to the prompt (image tokens included).
+    """
+
+    required = ("images", "prompt")
+    # No parameters of its own: __init__ (and its --help) is VLMDataModule's.
+
+    def _check_row(self, row: dict) -> int:
+        prompt = row_prompt(row)
+        images = self.images_of(row, len(as_list(row.get("images"))), "prompt")
+        return self.token_length(render(self.processor, prompt, add_generation_prompt=True), images)
+
+    def _collator(self, split: str) -> PromptCollator:
+        return PromptCollator(self.processor, split)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self._collator("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if "val" not in self.datasets:
+            return []
+        return self._loader("val", self._collator("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self._collator("test"), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self._collator("predict"), shuffle=False)
