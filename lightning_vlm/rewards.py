@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from lightning_vlm.metrics import normalize_answer
 
@@ -68,12 +68,17 @@ def _number(value: float) -> str:
 def accuracy(
     prompts: Sequence, completions: Sequence[str], answer: Sequence[Any] | None = None, **row
 ) -> list[float | None]:
-    """1.0 when the completion's final answer (see :func:`extract_answer`) equals ``answer`` after
-    :func:`canonical` normalisation, else 0.0; None for rows without an answer."""
+    """1.0 when the completion's final answer equals the reference answer, else 0.0; None for rows
+    without an answer.
+
+    Both sides go through :func:`extract_answer` and :func:`canonical`, so the ``answer`` column may
+    hold the bare answer (``"3"``), a tagged one (``"<answer> 3 </answer>"``) or a worked solution
+    ending in ``\\boxed{3}``.
+    """
     if answer is None:
         raise KeyError("accuracy reward: the data has no 'answer' column (map it with data.columns)")
     return [
-        None if ref is None else float(canonical(extract_answer(c)) == canonical(str(ref)))
+        None if ref is None else float(canonical(extract_answer(c)) == canonical(extract_answer(str(ref))))
         for c, ref in zip(completions, answer, strict=True)
     ]
 
@@ -81,6 +86,189 @@ def accuracy(
 def think_format(prompts: Sequence, completions: Sequence[str], **row) -> list[float | None]:
     """1.0 for ``<think>...</think><answer>...</answer>`` and nothing else around them, else 0.0."""
     return [float(bool(_FORMAT.fullmatch(c))) for c in completions]
+
+
+def _needs(owner: str, name: str, value: Any) -> Any:
+    if value is None:
+        raise KeyError(
+            f"{owner} reward: no {name!r} keyword (the rollout passes 'completion_ids' and 'group'; "
+            "dataset columns such as 'answer' come from the data, mapped with data.columns)"
+        )
+    return value
+
+
+class OverlongPenalty:
+    """DAPO's soft overlong punishment (Yu et al. 2025, https://arxiv.org/abs/2503.14476, eq. 13).
+
+    With ``n`` the completion's token count (EOS included when generated), ``L = max_length`` and
+    ``C = cache``: 0 while ``n <= L - C``, then ``(L - C - n) / C``, falling linearly to -1 at
+    ``n = L``, and -1 beyond. It tells the policy that a long answer costs something before the cut
+    at ``rollout.max_new_tokens`` turns it into a truncated one. DAPO pairs ``max_length`` = the
+    generation limit with a cache of a fifth of it (20,480 and 4,096 tokens).
+    """
+
+    def __init__(self, max_length: int, cache: int):
+        """
+        Args:
+            max_length: ``L_max``: completions this long or longer get -1 (usually
+                ``rollout.max_new_tokens``).
+            cache: ``L_cache``: the last ``cache`` tokens before ``max_length`` over which the penalty
+                ramps from 0 to -1 (0: a hard -1 above ``max_length`` only).
+        """
+        if max_length < 1 or not 0 <= cache <= max_length:
+            raise ValueError(
+                f"OverlongPenalty: need max_length >= 1 and 0 <= cache <= max_length, got {max_length=}, {cache=}"
+            )
+        self.max_length = max_length
+        self.cache = cache
+
+    def __call__(
+        self, prompts: Sequence, completions: Sequence[str], completion_ids: Sequence | None = None, **row
+    ) -> list[float | None]:
+        ids = _needs("OverlongPenalty", "completion_ids", completion_ids)
+        return [self.penalty(len(c)) for c in ids]
+
+    def penalty(self, n: int) -> float:
+        """The penalty of a completion of ``n`` tokens."""
+        start = self.max_length - self.cache
+        if n <= start:
+            return 0.0
+        if n <= self.max_length:
+            return (start - n) / self.cache
+        return -1.0
+
+
+class LengthPenalty:
+    """Kimi k1.5's length reward (Kimi Team 2025, https://arxiv.org/abs/2501.12599, section 2.3.3).
+
+    Within each group (the completions of one prompt), with lengths in tokens,
+    ``lambda = 0.5 - (len - min_len) / (max_len - min_len)`` (0 for all when every completion has the
+    same length). A correct completion gets ``lambda`` (shorter is better), an incorrect one
+    ``min(0, lambda)`` (long wrong answers are punished, short ones not rewarded). It curbs
+    overthinking: among correct answers the shorter ones win. Kimi adds it only after a phase of
+    plain training (it slows early learning); reward functions do not see the step, so to do the
+    same, resume a run with it added to ``rollout.rewards``.
+    """
+
+    def __init__(self, verifier: RewardFn | None = None):
+        """
+        Args:
+            verifier: The reward function that decides correctness (a value > 0 is correct, None
+                means the sample is not scored). Default: :func:`accuracy` on the ``answer`` column.
+        """
+        self.verifier = verifier if verifier is not None else accuracy
+
+    def __call__(
+        self,
+        prompts: Sequence,
+        completions: Sequence[str],
+        completion_ids: Sequence | None = None,
+        group: Sequence[int] | None = None,
+        **row,
+    ) -> list[float | None]:
+        ids = _needs("LengthPenalty", "completion_ids", completion_ids)
+        groups = _needs("LengthPenalty", "group", group)
+        if self.verifier is accuracy:
+            _needs("LengthPenalty", "answer", row.get("answer"))
+        correct = self.verifier(prompts, completions, completion_ids=ids, group=groups, **row)
+        lengths = [len(c) for c in ids]
+        bounds: dict[int, tuple[int, int]] = {}
+        for g, n, ok in zip(groups, lengths, correct, strict=True):
+            if ok is not None:
+                lo, hi = bounds.get(g, (n, n))
+                bounds[g] = (min(lo, n), max(hi, n))
+        out: list[float | None] = []
+        for g, n, ok in zip(groups, lengths, correct, strict=True):
+            if ok is None:
+                out.append(None)
+                continue
+            lo, hi = bounds[g]
+            lam = 0.0 if hi == lo else 0.5 - (n - lo) / (hi - lo)
+            out.append(lam if ok > 0 else min(0.0, lam))
+        return out
+
+
+class RewardModelReward:
+    """A learned reward model as a reward function: the score of each (prompt, completion).
+
+    The model is one trained with :class:`~lightning_vlm.objectives.RewardModel` (Bradley-Terry, as
+    in InstructGPT, https://arxiv.org/abs/2203.02155) and exported by ``ExportHF``. Each completion
+    is rendered exactly as the reward model's training pairs were (the prompt's messages plus one
+    assistant message holding the completion, through the reward model's own chat template and
+    processor, with the sample's images), and scored at its last token. The model loads once, on the
+    first call, so parsing a config stays cheap. Images come from the ``images`` keyword (the
+    rollout passes each prompt's opened images; paths are read relative to the working directory).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
+    ):
+        """
+        Args:
+            path: Folder written by ``ExportHF`` for a RewardModel run (HF weights + ``reward_head``).
+            batch_size: Sequences scored per forward.
+            device: Where the reward model runs (default: ``cuda`` when available, else ``cpu``).
+            dtype: Dtype of its weights (``auto``, ``float32``, ``bfloat16``, ``float16``; default:
+                the backbone's default, ``float32``).
+        """
+        if batch_size < 1:
+            raise ValueError(f"RewardModelReward: batch_size must be >= 1, got {batch_size}")
+        self.path = path
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self.model = None
+
+    def load(self):
+        """The reward model, loaded on first use (eval mode, on ``device``)."""
+        if self.model is None:
+            import torch
+
+            from lightning_vlm.objectives.reward_model import RewardModel
+
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            extra = {"dtype": self.dtype} if self.dtype else {}
+            self.model = RewardModel.from_pretrained(self.path, **extra).to(device)
+        return self.model
+
+    def __call__(
+        self, prompts: Sequence, completions: Sequence[str], images: Sequence | None = None, **row
+    ) -> list[float | None]:
+        import torch
+
+        from lightning_vlm.data.collate import encode, render
+        from lightning_vlm.data.preference import prompt_messages, response_messages
+        from lightning_vlm.data.rows import as_list, open_image
+
+        model = self.load()
+        processor = model.backbone.processor
+        device = next(model.parameters()).device
+        images = images if images is not None else [None] * len(completions)
+        texts, sample_images = [], []
+        for i, (prompt, completion, refs) in enumerate(zip(prompts, completions, images, strict=True)):
+            opened = [open_image(ref, ".", i) for ref in as_list(refs)]
+            messages = prompt_messages(prompt, len(opened), i) + response_messages(
+                completion, i, "completion"
+            )
+            texts.append(render(processor, messages))  # as PreferenceCollator renders "chosen"
+            sample_images.append(opened)
+        scores: list[float | None] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                stop = start + self.batch_size
+                batch = encode(
+                    processor, texts[start:stop], [im for ims in sample_images[start:stop] for im in ims]
+                )
+                vision = {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch["vision"].items()
+                }
+                s = model.scores(batch["input_ids"].to(device), batch["attention_mask"].to(device), vision)
+                scores += s.tolist()
+        return scores
 
 
 def combine(

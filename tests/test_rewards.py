@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from lightning_vlm.rewards import accuracy, canonical, combine, extract_answer, think_format
+from lightning_vlm.rewards import (
+    LengthPenalty,
+    OverlongPenalty,
+    accuracy,
+    canonical,
+    combine,
+    extract_answer,
+    think_format,
+)
 
 
 @pytest.mark.parametrize(
@@ -24,6 +32,12 @@ from lightning_vlm.rewards import accuracy, canonical, combine, extract_answer, 
         ("The answer is C", "c", True),
         ("<answer>b) cat</answer>", "B", False),
         ("<answer>12</answer>", "1", False),
+        # the reference is extracted too: tagged answers and worked solutions ending in \boxed
+        ("<answer>3</answer>", "<answer> 3 </answer>", True),
+        ("3", "1 + 2 = \\boxed{3}", True),
+        ("\\boxed{\\frac{3}{4}}", "so the share is \\boxed{0.75}", True),
+        ("<answer>4</answer>", "1 + 2 = \\boxed{3}", False),
+        ("<answer>3</answer>", 3, True),  # non-string references are compared as text
     ],
 )
 def test_accuracy_extracts_and_normalises(completion, answer, hit):
@@ -85,3 +99,107 @@ def test_combine_names_the_function_and_sample_on_bad_values():
         combine([too_few], None, ["p", "p"], ["a", "b"], {})
     with pytest.raises(ValueError, match="2 reward functions but 1 weights"):
         combine([accuracy, think_format], [1.0], [], [], {})
+
+
+# ---------------------------------------------------------------- DAPO's soft overlong punishment
+@pytest.mark.parametrize(
+    "length, penalty",
+    [(0, 0.0), (6, 0.0), (7, -0.25), (8, -0.5), (9, -0.75), (10, -1.0), (11, -1.0), (50, -1.0)],
+)
+def test_overlong_penalty_ramps_over_the_cache(length, penalty):
+    # max_length 10, cache 4: free up to 10 - 4 = 6 tokens, then (6 - n) / 4, -1 from 10 on (eq. 13)
+    fn = OverlongPenalty(max_length=10, cache=4)
+    assert fn(["p"], ["text is ignored"], completion_ids=[list(range(length))]) == [penalty]
+
+
+def test_overlong_penalty_without_a_cache_and_bad_settings():
+    fn = OverlongPenalty(max_length=5, cache=0)
+    assert fn(["p"] * 3, ["a"] * 3, completion_ids=[[1] * 4, [1] * 5, [1] * 6]) == [0.0, 0.0, -1.0]
+    assert OverlongPenalty(max_length=4, cache=4).penalty(2) == -0.5  # the ramp may start at 0
+    for bad in ({"max_length": 0, "cache": 0}, {"max_length": 8, "cache": 9}, {"max_length": 8, "cache": -1}):
+        with pytest.raises(ValueError, match="OverlongPenalty: need"):
+            OverlongPenalty(**bad)
+
+
+# ---------------------------------------------------------------- Kimi k1.5's length reward
+def test_length_penalty_by_hand():
+    right, wrong = "<answer>3</answer>", "<answer>4</answer>"
+    completions = [right, wrong, right, wrong, right, right, wrong, wrong, right, wrong]
+    lengths = [2, 4, 6, 10, 3, 3, 1, 3, 5, 5]
+    group = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
+    answer = ["3"] * 4 + [None] * 2 + ["3"] * 4
+    got = LengthPenalty()(
+        ["p"] * 10, completions, completion_ids=[[7] * n for n in lengths], group=group, answer=answer
+    )
+    assert got == [
+        # group 0: min 2, max 10; lambda = 0.5 - (len - 2) / 8 = 0.5, 0.25, 0.0, -0.5
+        0.5, 0.0, 0.0, -0.5,  # correct: lambda; incorrect: min(0, lambda)
+        None, None,  # no reference answer: not scored
+        0.0, -0.5,  # group 2, both wrong: lambda 0.5 and -0.5, the short wrong one gets no bonus
+        0.0, 0.0,  # group 3: equal lengths, lambda 0 for all
+    ]  # fmt: skip
+
+
+def test_length_penalty_groups_need_not_be_contiguous_and_take_a_verifier():
+    def has_x(prompts, completions, **row):
+        return [1.0 if "x" in c else 0.0 for c in completions]
+
+    fn = LengthPenalty(verifier=has_x)
+    got = fn(
+        ["p"] * 4, ["x", "y", "x", "y"], completion_ids=[[1], [1], [1, 1, 1], [1, 1, 1]], group=[0, 1, 0, 1]
+    )
+    assert got == [0.5, 0.0, -0.5, -0.5]  # lengths 1 and 3 in both groups: lambda 0.5 and -0.5
+
+
+def test_missing_keywords_are_named():
+    with pytest.raises(KeyError, match="OverlongPenalty reward: no 'completion_ids' keyword"):
+        OverlongPenalty(max_length=8, cache=2)(["p"], ["a"], answer=["a"])
+    ids, group = [[1, 2]], [0]
+    with pytest.raises(KeyError, match="LengthPenalty reward: no 'completion_ids' keyword"):
+        LengthPenalty()(["p"], ["a"], group=group, answer=["a"])
+    with pytest.raises(KeyError, match="LengthPenalty reward: no 'group' keyword"):
+        LengthPenalty()(["p"], ["a"], completion_ids=ids, answer=["a"])
+    with pytest.raises(KeyError, match="LengthPenalty reward: no 'answer' keyword"):
+        LengthPenalty()(["p"], ["a"], completion_ids=ids, group=group, task=["count"])
+    with pytest.raises(RuntimeError, match="reward function LengthPenalty raised .*no 'answer' keyword"):
+        combine([LengthPenalty()], None, ["p"], ["a"], {"completion_ids": ids, "group": group})
+
+
+def test_callable_rewards_combine_with_functions():
+    rows = {"answer": ["3", "3"], "completion_ids": [[1] * 2, [1] * 9], "group": [0, 0]}
+    completions = ["<answer>3</answer>", "<answer>3</answer>"]
+    total, parts = combine(
+        [accuracy, OverlongPenalty(max_length=10, cache=4), LengthPenalty()], [1.0, 1.0, 0.5],
+        ["p", "p"], completions, rows,
+    )  # fmt: skip
+    assert parts["OverlongPenalty"] == [0.0, -0.75] and parts["LengthPenalty"] == [0.5, -0.5]
+    assert total == [1.0 + 0.0 + 0.25, 1.0 - 0.75 - 0.25]
+
+
+def test_reward_config_parses_functions_and_callable_classes():
+    """The YAML form of ``rollout.rewards``: import paths and ``class_path``/``init_args``."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_vlm.rollout import RolloutCallback
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(RolloutCallback, "rollout")
+    config = """
+rollout:
+  rewards:
+    - lightning_vlm.rewards.accuracy
+    - class_path: lightning_vlm.rewards.OverlongPenalty
+      init_args: {max_length: 64, cache: 16}
+    - class_path: lightning_vlm.rewards.LengthPenalty
+    - class_path: lightning_vlm.rewards.RewardModelReward
+      init_args: {path: runs/rm/hf, batch_size: 4}
+"""
+    rewards = parser.instantiate(parser.parse_string(config)).rollout.rewards
+    assert rewards[0] is accuracy
+    assert isinstance(rewards[1], OverlongPenalty) and (rewards[1].max_length, rewards[1].cache) == (64, 16)
+    assert isinstance(rewards[2], LengthPenalty) and rewards[2].verifier is accuracy
+    assert (
+        type(rewards[3]).__name__ == "RewardModelReward" and rewards[3].model is None
+    )  # loads on first call
+    with pytest.raises(Exception, match="max_lenght"):  # a typo in init_args fails at parse time, named
+        parser.parse_string(config.replace("max_length", "max_lenght"))
