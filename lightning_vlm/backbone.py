@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_vlm import generation
 from lightning_vlm.lora import add_lora
 from lightning_vlm.processing import load_processor
 from lightning_vlm.tiny import TinyVLM, ensure_tiny_vlm
@@ -284,7 +285,8 @@ class VLMBackbone(nn.Module):
         model: nn.Module | None = None,
         copies: int = 1,
         features: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
+        entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of each target token given everything before it.
 
         Only the hidden states that predict a target token go through the LM head, in chunks of
@@ -298,9 +300,11 @@ class VLMBackbone(nn.Module):
             model: Score with this model instead of the policy (used for the reference copy).
             copies: Sequences sharing each prompt's images (see :meth:`hidden_states`).
             features: Precomputed image features (see :meth:`encode_images`).
+            entropy: Also return the entropy of the predicted distribution at each target (no
+                gradient), from the same logits.
 
         Returns:
-            (B, T) float32 log-probs, 0 where ``target_mask`` is False.
+            (B, T) float32 log-probs, 0 where ``target_mask`` is False (and the (B, T) entropies).
         """
         _, head = self._parts(model if model is not None else self.model)
         hidden = self.hidden_states(input_ids, attention_mask, vision, model, copies, features)  # (B, T, H)
@@ -308,17 +312,22 @@ class VLMBackbone(nn.Module):
         h = hidden[:, :-1][targets]  # (N, H)
         y = input_ids[:, 1:][targets]  # (N,)
         chunk = max(1, self.config.logps_chunk_size)
-        parts = []
+        parts, entropies = [], []
         for start in range(0, h.shape[0], chunk):
-            args = (h[start : start + chunk], y[start : start + chunk], head, self.logit_softcap)
+            args = (h[start : start + chunk], y[start : start + chunk], head, self.logit_softcap, entropy)
             if torch.is_grad_enabled() and h.requires_grad:
-                parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+                logps, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
             else:
-                parts.append(_chunk_logps(*args))
+                logps, ent = _chunk_logps(*args)
+            parts.append(logps)
+            entropies.append(ent)
         out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        ent_out = torch.zeros_like(out) if entropy else None
         if parts:
             out[:, 1:][targets] = torch.cat(parts)
-        return out
+            if entropy:
+                ent_out[:, 1:][targets] = torch.cat(entropies)
+        return (out, ent_out) if entropy else out
 
     @contextlib.contextmanager
     def reference(self):
@@ -339,7 +348,6 @@ class VLMBackbone(nn.Module):
         object.__setattr__(self, "_reference", None)
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -351,46 +359,42 @@ class VLMBackbone(nn.Module):
         top_p: float = 1.0,
         top_k: int = 0,
         num_return_sequences: int = 1,
+        features: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """Generate from left-padded prompts; returns (B * num_return_sequences, N) completion ids.
-
-        Only the settings given here apply: the checkpoint's own ``generation_config`` (repetition
-        penalty, default temperature, ...) is replaced, so evaluation is plain greedy and sampling is
-        exactly what the objective asked for. Generation stops at the tokenizer's EOS; finished rows
-        are padded with the pad token.
-        """
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(
+        """Completion ids, (B * num_return_sequences, N); see :func:`lightning_vlm.generation.generate`
+        (prompt i's samples are adjacent rows and share one prefill of the prompt)."""
+        return generation.generate(
+            self.model,
+            self.tokenizer,
+            input_ids,
+            attention_mask,
+            vision,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
             num_return_sequences=num_return_sequences,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True,
-            **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
+            features=features,
         )
-        # generate() fills settings left at their defaults from the model's own config, so swap it out.
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        saved, base.generation_config = base.generation_config, config
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **vision)
-        finally:
-            base.generation_config = saved
-            self.model.train(was_training)
-        return out[:, input_ids.shape[1] :]
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
 
-def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: nn.Module, softcap: float | None) -> torch.Tensor:
+def _chunk_logps(
+    h: torch.Tensor, y: torch.Tensor, head: nn.Module, softcap: float | None, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = head(h).float()  # (n, V)
     if softcap:  # Gemma-style final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    lse = logits.logsumexp(-1)  # (n,)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            logp = logits - lse[:, None]
+            ent = -(logp.exp() * logp).sum(-1)
+    return logits.gather(-1, y[:, None]).squeeze(-1) - lse, ent
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

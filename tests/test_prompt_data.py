@@ -311,3 +311,21 @@ def test_overlong_prompts_are_dropped_and_counted(processor, synthetic_dir):
     kept = _first(dm)
     assert "compare" not in kept["columns"]["task"] and len(kept["rows"]) == 48 - tasks.count("compare")
     assert kept["attention_mask"].sum(-1).max() <= limit
+
+
+def test_system_prompt_goes_before_prompts_without_one(processor, tmp_path):
+    image = _image(tmp_path, "a.png", "red")
+    own = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *_user(None, "Colour?")]
+    path = _write(tmp_path / "p.jsonl", [
+        {"images": [image], "prompt": _user(None, "Colour?")},
+        {"images": [image], "prompt": own},
+    ])
+    batch = _first(_dm(processor, path, system_prompt="Answer in <answer></answer> tags."))
+    first, second = batch["prompts"]
+    assert first[0] == {"role": "system", "content": [{"type": "text", "text": "Answer in <answer></answer> tags."}]}
+    assert first[1:] == _user(None, "Colour?")
+    assert second == own  # a prompt's own system message is kept, not doubled
+    text = processor.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert "Answer in <answer></answer> tags." in text
+    plain = _first(_dm(processor, path))
+    assert plain["prompts"][0] == _user(None, "Colour?")

@@ -34,9 +34,13 @@ def _clean(messages: list[dict]) -> list[dict]:
     return out
 
 
-def row_prompt(row: dict) -> list[dict]:
-    """The row's prompt as chat messages (checked against its image count)."""
-    return _clean(prompt_messages(row["prompt"], len(as_list(row.get("images"))), row[ROW]))
+def row_prompt(row: dict, system_prompt: str | None = None) -> list[dict]:
+    """The row's prompt as chat messages (checked against its image count), after a system message
+    with ``system_prompt`` unless the prompt has its own."""
+    messages = _clean(prompt_messages(row["prompt"], len(as_list(row.get("images"))), row[ROW]))
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}, *messages]
+    return messages
 
 
 class PromptCollator:
@@ -50,14 +54,16 @@ class PromptCollator:
     Args:
         processor: The backbone's processor (left padding).
         split: Name of the split, carried in the batch.
+        system_prompt: System message put before prompts that have none.
     """
 
-    def __init__(self, processor, split: str = "train"):
+    def __init__(self, processor, split: str = "train", system_prompt: str | None = None):
         self.processor = processor
         self.split = split
+        self.system_prompt = system_prompt
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        prompts = [row_prompt(r) for r in rows]
+        prompts = [row_prompt(r, self.system_prompt) for r in rows]
         texts = [render(self.processor, p, add_generation_prompt=True) for p in prompts]
         images = [[open_image(ref, r[BASE], r[ROW]) for ref in as_list(r.get("images"))] for r in rows]
         batch = encode(self.processor, texts, [im for row_images in images for im in row_images])
@@ -79,15 +85,25 @@ class PromptDataModule(VLMDataModule):
     """
 
     required = ("images", "prompt")
-    # No parameters of its own: __init__ (and its --help) is VLMDataModule's.
+
+    def __init__(self, *args: Any, system_prompt: str | None = None, **kwargs: Any):
+        """
+        Args:
+            *args: Sources and loader settings of :class:`~lightning_vlm.data.base.VLMDataModule`.
+            system_prompt: System message put before every prompt that has none, e.g. the output
+                format the rewards expect (``<think>...</think><answer>...</answer>``).
+            **kwargs: See :class:`~lightning_vlm.data.base.VLMDataModule` (train, val, columns, ...).
+        """
+        super().__init__(*args, **kwargs)
+        self.system_prompt = system_prompt
 
     def _check_row(self, row: dict) -> int:
-        prompt = row_prompt(row)
+        prompt = row_prompt(row, self.system_prompt)
         images = self.images_of(row, len(as_list(row.get("images"))), "prompt")
         return self.token_length(render(self.processor, prompt, add_generation_prompt=True), images)
 
     def _collator(self, split: str) -> PromptCollator:
-        return PromptCollator(self.processor, split)
+        return PromptCollator(self.processor, split, self.system_prompt)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self._collator("train"), shuffle=True)

@@ -1,0 +1,134 @@
+"""Generation for evaluation and rollouts: greedy answers, and G samples per prompt from one prefill.
+
+Prompt once: to draw G completions of a prompt, the prompt (and its images) is run through the
+model once, its KV cache is repeated G times, and decoding continues from the copies. Stock
+``generate(num_return_sequences=G)`` would instead repeat the prompt G times before the prefill
+(G times the prompt's compute and, unless features are passed, G image encodings).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_vlm.vision import has_images, shared_vision
+
+
+def _per_sequence(vision: dict[str, Any], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Vision entries shaped like ``input_ids`` (``mm_token_type_ids``, ...)."""
+    return {k: v for k, v in vision.items() if isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == shape}
+
+
+def _repeat_rope_deltas(model: nn.Module, times: int) -> None:
+    """mRoPE models (Qwen2/2.5/3-VL) keep each prompt's position offset from the prefill; the G
+    copies of a prompt continue from the same offset."""
+    for module in model.modules():
+        deltas = getattr(module, "rope_deltas", None)
+        if isinstance(deltas, torch.Tensor):
+            module.rope_deltas = deltas.repeat_interleave(times, dim=0)
+
+
+_VISION_TOKENS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+)
+
+
+def _vision_token_ids(model: nn.Module) -> list[int]:
+    """Image placeholder and delimiter tokens: a completion that contained one would make the
+    training forward expect image features that do not exist, so they are never sampled."""
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    ids = {getattr(config, name, None) for name in _VISION_TOKENS}
+    return sorted(int(i) for i in ids if isinstance(i, int))
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    vision: dict[str, Any],
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_return_sequences: int = 1,
+    features: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Generate from left-padded prompts; returns (B * num_return_sequences, N) completion ids.
+
+    The ``num_return_sequences`` samples of prompt i are rows ``i * G ... i * G + G - 1``. They
+    come from one prefill of the prompt (see the module docstring); ``features`` (from
+    ``encode_images``) replaces the image encoding of that prefill.
+
+    Only the settings given here apply: the checkpoint's own ``generation_config`` (repetition
+    penalty, default temperature, ...) is replaced, so evaluation is plain greedy and sampling is
+    exactly what the caller asked for, except that image placeholder tokens are never generated. Generation stops at the tokenizer's EOS; finished rows are
+    padded with the pad token.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        suppress_tokens=_vision_token_ids(model) or None,
+        **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
+    )
+    # generate() fills settings left at their defaults from the model's own config, so swap it out.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, base.generation_config = base.generation_config, config
+    was_training = model.training
+    model.eval()
+    G = num_return_sequences
+    try:
+        if G == 1 and features is None:
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **vision)
+        else:
+            out = _generate_from_prefill(model, input_ids, attention_mask, vision, G, features)
+    finally:
+        base.generation_config = saved
+        model.train(was_training)
+    return out[:, input_ids.shape[1] :]
+
+
+def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features) -> torch.Tensor:
+    shape = tuple(input_ids.shape)
+    if has_images(vision) and features is not None:
+        vision = shared_vision(vision, shape, 1, features)
+    # The prefill covers all but the last prompt token, which generate() feeds as its first input.
+    prefill = {k: v[:, :-1] if k in _per_sequence(vision, shape) else v for k, v in vision.items()}
+    if not any(hasattr(m, "rope_deltas") for m in model.modules()):
+        # Number left-padded prompts as generate() will number the tokens that follow (from the mask);
+        # the model's default (0..P-2, pads included) would shift the prompt against its continuation.
+        # mRoPE models (rope_deltas) derive their positions from the mask themselves.
+        positions = attention_mask[:, :-1].long().cumsum(-1) - 1
+        prefill["position_ids"] = positions.masked_fill(attention_mask[:, :-1] == 0, 0)
+    out = model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        use_cache=True,
+        logits_to_keep=1,
+        **prefill,
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # (B, ...) -> (B * G, ...), prompt i's copies adjacent
+    _repeat_rope_deltas(model, G)
+    per_sequence = {k: v.repeat_interleave(G, dim=0) for k, v in _per_sequence(vision, shape).items()}
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(G, dim=0),
+        attention_mask=attention_mask.repeat_interleave(G, dim=0),
+        past_key_values=cache,
+        **per_sequence,
+    )
