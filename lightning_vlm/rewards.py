@@ -305,9 +305,16 @@ def combine(
         name = _name(fn)
         try:
             values = list(fn(prompts, completions, **rows))
-        except Exception as err:  # noqa: BLE001 - re-raised with the function named
+        except Exception as err:  # noqa: BLE001 - re-raised with the function and the sample named
+            where = _failing_sample(fn, prompts, completions, rows)
             raise RuntimeError(
-                f"reward function {name} raised on this batch of {n} completions: {err!r}"
+                f"reward function {name} raised on this batch of {n} completions"
+                + (
+                    f", at sample {where} (completion {completions[where][:80]!r})"
+                    if where is not None
+                    else ""
+                )
+                + f": {err!r}"
             ) from err
         if len(values) != n:
             raise RuntimeError(f"reward function {name} returned {len(values)} values for {n} completions")
@@ -321,6 +328,16 @@ def combine(
             totals[i] += weight * float(value)
         per_function[name] = values
     return totals, per_function
+
+
+def _failing_sample(fn: RewardFn, prompts, completions, rows: dict) -> int | None:
+    """The first sample on which ``fn`` raises when called on it alone (None if none does)."""
+    for i in range(len(completions)):
+        try:
+            fn(prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in rows.items()})
+        except Exception:  # noqa: BLE001 - we are only locating the failure
+            return i
+    return None
 
 
 def _name(fn: RewardFn) -> str:

@@ -291,19 +291,20 @@ class RolloutCallback(L.Callback):
 
     # ------------------------------------------------------------------ metrics and tables
     def _log(self, pl_module, rollouts: list[Rollout], batch_size: int) -> None:
-        first = rollouts[0]
-        r = first.rewards
-        lengths = first.completion_mask.sum(1).float()
+        # Everything sampled this step (refills included), whether or not dynamic sampling kept it.
+        r = torch.cat([x.rewards for x in rollouts])
+        lengths = torch.cat([x.completion_mask.sum(1).float() for x in rollouts])
         values = {
             "rollout/reward": r.mean(),
             "rollout/reward_std": r.std() if r.numel() > 1 else r.new_zeros(()),
-            "rollout/zero_std_groups": 1.0 - _spread(first).float().mean(),
+            "rollout/zero_std_groups": 1.0 - torch.cat([_spread(x) for x in rollouts]).float().mean(),
             "rollout/length/mean": lengths.mean(),
             "rollout/length/min": lengths.min(),
             "rollout/length/max": lengths.max(),
-            "rollout/truncated": first.truncated.float().mean(),
+            "rollout/truncated": torch.cat([x.truncated for x in rollouts]).float().mean(),
         }
-        for name, vals in first.rewards_per_function.items():
+        for name in rollouts[0].rewards_per_function:
+            vals = torch.cat([x.rewards_per_function[name] for x in rollouts])
             ok = vals[~vals.isnan()]
             values[f"rollout/rewards/{name}"] = ok.mean() if ok.numel() else vals.new_tensor(math.nan)
             values[f"rollout/rewards/{name}_std"] = ok.std() if ok.numel() > 1 else vals.new_zeros(())

@@ -291,3 +291,54 @@ def test_ci_runs_the_readme_test_command():
         line.strip() for line in readme.splitlines() if "fit --config zoo/tiny_qwen2vl_sft.yaml" in line
     )
     assert (ROOT / quickstart.split("--config ")[1].split()[0]).is_file()
+
+
+# ---------------------------------------------------------------- online RL through the CLI
+GSPO_RECIPE = ROOT / "zoo" / "tiny_qwen2vl_gspo.yaml"
+
+
+def _gspo_override(tmp_path: Path, synthetic_dir: Path, rollout: dict) -> Path:
+    """The GSPO recipe on a tiny in-process model and the test's data, one rollout, one validation batch."""
+    override = {
+        "trainer": {"max_steps": 2, "val_check_interval": 1, "limit_val_batches": 1, "logger": False,
+                    "default_root_dir": str(tmp_path), "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "lightning_vlm.rollout.RolloutCallback", "init_args": rollout}]},
+        "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}}}},
+        "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "prompt_train.jsonl"),
+                               "val": str(synthetic_dir / "prompt_val.jsonl"), "batch_size": 2,
+                               "eval_batch_size": 2, "num_workers": 0}},
+        "report_held_out": False,
+    }  # fmt: skip
+    path = tmp_path / "gspo_overrides.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
+
+
+def test_gspo_recipe_fits_with_rewards_by_import_path(tmp_path, synthetic_dir):
+    from lightning_vlm.rewards import OverlongPenalty, accuracy
+    from lightning_vlm.rollout import RolloutCallback
+
+    rollout = {"num_generations": 4, "max_new_tokens": 4, "table_every_n_steps": 1,
+               "rewards": ["lightning_vlm.rewards.accuracy",
+                           {"class_path": "lightning_vlm.rewards.OverlongPenalty",
+                            "init_args": {"max_length": 4, "cache": 2}}]}  # fmt: skip
+    override = _gspo_override(tmp_path, synthetic_dir, rollout)
+    cli = VLMCLI(args=["fit", "--config", str(GSPO_RECIPE), "--config", str(override)])
+    assert cli.trainer.global_step == 2  # one rollout, model.mini_batches = 2 optimiser steps
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, RolloutCallback)]
+    assert callback.G == 4 and callback.rewards[0] is accuracy
+    assert isinstance(callback.rewards[1], OverlongPenalty) and callback.rewards[1].max_length == 4
+    metrics = cli.trainer.callback_metrics
+    for key in ("train/loss", "rollout/rewards/accuracy", "rollout/rewards/OverlongPenalty", "val/reward",
+                "val/rewards/accuracy", "val/rewards/OverlongPenalty"):  # fmt: skip
+        assert key in metrics and math.isfinite(float(metrics[key])), key
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert records and all({"accuracy", "OverlongPenalty", "advantage"} <= set(r) for r in records)
+
+
+def test_typo_in_the_rollout_callback_fails_at_parse_time(tmp_path, synthetic_dir, capsys):
+    override = _gspo_override(tmp_path, synthetic_dir, {"num_generation": 4})
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(GSPO_RECIPE), "--config", str(override), "--print_config"])
+    assert exit_.value.code not in (0, None)
+    assert "num_generation" in capsys.readouterr().err

@@ -140,12 +140,12 @@ class OnlineRL:
         for _ in range(self.num_iterations):
             for step in self.chunks(G):
                 total = self._denominator(rollouts, step)
+                # The step's aux loss is the mean over the forwards that run (chunks with kept samples).
+                forwards = sum(bool(r.keep[r.rows_of(c)].any()) for r in rollouts for c in step)
                 losses = []
                 for r in rollouts:
                     for samples in step:
-                        loss, metrics = self._chunk_loss(
-                            r, samples, loss_fn, total, len(rollouts) * len(step)
-                        )
+                        loss, metrics = self._chunk_loss(r, samples, loss_fn, total, forwards)
                         if loss is not None:
                             m.manual_backward(loss)
                             losses.append(loss.detach())
@@ -210,7 +210,7 @@ class OnlineRL:
         metrics = {**metrics, "entropy": (ent * mask).sum() / tokens}
         if aux is not None:
             metrics["router_aux_loss"] = aux.detach()
-            loss = loss + self.router_aux_coef * aux / forwards  # the step's aux loss: mean over its forwards
+            loss = loss + self.router_aux_coef * aux / forwards
         return loss, metrics
 
     # ------------------------------------------------------------------ evaluation
