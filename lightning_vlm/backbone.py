@@ -360,6 +360,7 @@ class VLMBackbone(nn.Module):
         top_k: int = 0,
         num_return_sequences: int = 1,
         features: dict[str, Any] | None = None,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor:
         """Completion ids, (B * num_return_sequences, N); see :func:`lightning_vlm.generation.generate`
         (prompt i's samples are adjacent rows and share one prefill of the prompt)."""
@@ -376,6 +377,7 @@ class VLMBackbone(nn.Module):
             top_k=top_k,
             num_return_sequences=num_return_sequences,
             features=features,
+            min_new_tokens=min_new_tokens,
         )
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:

@@ -63,6 +63,7 @@ def generate(
     top_k: int = 0,
     num_return_sequences: int = 1,
     features: dict[str, Any] | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Generate from left-padded prompts; returns (B * num_return_sequences, N) completion ids.
 
@@ -79,6 +80,7 @@ def generate(
 
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         do_sample=do_sample,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -107,6 +107,7 @@ class RolloutCallback(L.Callback):
         self,
         num_generations: int = 8,
         max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -122,6 +123,7 @@ class RolloutCallback(L.Callback):
         Args:
             num_generations: G, completions sampled per prompt (a group).
             max_new_tokens: Longest completion; longer ones are cut (and counted as truncated).
+            min_new_tokens: Hold EOS back until this many tokens (0: off; for benchmarks with equal lengths).
             temperature: Sampling temperature.
             top_p: Nucleus sampling threshold (1.0: off).
             top_k: Sample among the k most likely tokens (0: off).
@@ -147,7 +149,12 @@ class RolloutCallback(L.Callback):
             )
         self.G = num_generations
         self.sampling = dict(
-            max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
         )
         self.rewards: list[RewardFn] = list(rewards) if rewards else [accuracy]
         self.reward_weights = reward_weights

@@ -25,6 +25,18 @@ def _isolated_env(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine the thread pool's
+    contention made the online-RL tests about 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     """A small synthetic dataset (all splits), written once per test session."""

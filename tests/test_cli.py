@@ -342,3 +342,49 @@ def test_typo_in_the_rollout_callback_fails_at_parse_time(tmp_path, synthetic_di
         main(["fit", "--config", str(GSPO_RECIPE), "--config", str(override), "--print_config"])
     assert exit_.value.code not in (0, None)
     assert "num_generation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "recipe, family",
+    [
+        ("qwen2vl_gspo.yaml", "qwen2_vl"),
+        ("qwen2vl_grpo.yaml", "qwen2_vl"),
+        ("qwen3vl_moe_gspo.yaml", "qwen3_vl_moe"),
+    ],
+)
+def test_real_online_recipes_instantiate_against_a_saved_tiny_folder(recipe, family, tmp_path, synthetic_dir):
+    from lightning_vlm.moe import moe_layout
+    from lightning_vlm.rewards import OverlongPenalty, accuracy, think_format
+    from lightning_vlm.rollout import RolloutCallback
+
+    folder = ensure_tiny_vlm(TinyVLM(family=family))
+    cli = VLMCLI(
+        args=[
+            "--config", str(ROOT / "zoo" / recipe),
+            "--model.init_args.backbone.model_name_or_path", str(folder),
+            "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1",
+            "--trainer.strategy", "auto",
+            "--trainer.precision", "32-true",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--data.init_args.train", str(synthetic_dir / "prompt_train.jsonl"),
+            "--data.init_args.columns", "{}",
+        ],
+        run=False,
+    )  # fmt: skip
+    (rollout,) = [c for c in cli.trainer.callbacks if isinstance(c, RolloutCallback)]
+    assert rollout.G == 8 and rollout.sampling["max_new_tokens"] == 512
+    assert rollout.rewards[:2] == [accuracy, think_format] and isinstance(rollout.rewards[2], OverlongPenalty)
+    h = cli.model.hparams
+    if "gspo" in recipe:
+        assert (h.eps_low, h.eps_high, h.beta, h.mini_batches) == (3e-4, 4e-4, 0.0, 4)
+    else:
+        assert (h.eps_high, h.norm) == (0.28, "dapo") and rollout.dynamic_sampling
+    assert "<answer>" in cli.datamodule.system_prompt
+    cli.model.configure_model()
+    trainable = [n for n, p in cli.model.backbone.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    rollout.on_fit_start(cli.trainer, cli.model)  # the group size fits mini_batches x accumulation
+    if family == "qwen3_vl_moe":
+        assert h.router_aux_coef == 0.001 and moe_layout(cli.model.backbone.model) is not None

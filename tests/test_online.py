@@ -25,16 +25,6 @@ B, G, NEW = 2, 4, 4  # prompts per batch, completions per prompt, max_new_tokens
 
 
 # ---------------------------------------------------------------- helpers
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine the thread pool's
-    contention made this file ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def token_reward(prompts, completions, completion_ids, **row):
     """Varies between the samples of a group (so advantages are non-zero) and is cheap."""
     return [float(sum((i + 1) * t for i, t in enumerate(ids)) % 101) for ids in completion_ids]
