@@ -290,7 +290,12 @@ def test_ci_runs_the_readme_test_command():
     quickstart = next(
         line.strip() for line in readme.splitlines() if "fit --config zoo/tiny_qwen2vl_sft.yaml" in line
     )
-    assert (ROOT / quickstart.split("--config ")[1].split()[0]).is_file()
+    configs = [part.split()[0] for part in quickstart.split("--config ")[1:]]
+    assert configs == [
+        "zoo/tiny_qwen2vl_sft.yaml",
+        "zoo/tiny_qwen2vl_gspo.yaml",
+    ]  # SFT, then GSPO from its export
+    assert all((ROOT / c).is_file() for c in configs)
 
 
 # ---------------------------------------------------------------- online RL through the CLI
