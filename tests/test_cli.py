@@ -393,3 +393,26 @@ def test_real_online_recipes_instantiate_against_a_saved_tiny_folder(recipe, fam
     rollout.on_fit_start(cli.trainer, cli.model)  # the group size fits mini_batches x accumulation
     if family == "qwen3_vl_moe":
         assert h.router_aux_coef == 0.001 and moe_layout(cli.model.backbone.model) is not None
+
+
+def test_tiny_moe_recipe_logs_a_router_loss(tmp_path, synthetic_dir):
+    override = {
+        "trainer": {"max_steps": 2, "limit_val_batches": 0, "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path), "name": "moe"}},
+                    "enable_progress_bar": False, "log_every_n_steps": 1,
+                    "callbacks": [{"class_path": "lightning_vlm.rollout.RolloutCallback",
+                                   "init_args": {"num_generations": 4, "max_new_tokens": 4, "table_every_n_steps": 0}}]},
+        "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "prompt_train.jsonl"), "val": None,
+                               "batch_size": 2, "num_workers": 0}},
+    }  # fmt: skip
+    path = tmp_path / "moe_overrides.yaml"
+    path.write_text(yaml.safe_dump(override))
+    cli = VLMCLI(
+        args=["fit", "--config", str(ROOT / "zoo" / "tiny_qwen3vl_moe_gspo.yaml"), "--config", str(path)]
+    )
+    assert cli.model.hparams.router_aux_coef == 0.01
+    aux = float(cli.trainer.callback_metrics["train/router_aux_loss"])
+    assert math.isfinite(aux) and aux > 0  # top-2 routing: 2.0 when perfectly balanced
+    csv_rows = (tmp_path / "moe").glob("**/metrics.csv")
+    assert any("train/router_aux_loss" in p.read_text() for p in csv_rows)
