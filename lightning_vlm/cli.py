@@ -83,7 +83,21 @@ class VLMCLI(LightningCLI):
             default=False,
             help="fit: validate before and after training and print the held-out metrics side by side",
         )
+        parser.add_argument(
+            "--torch_threads",
+            type=int | None,
+            default=None,
+            help="intra-op CPU threads of torch (default: torch's choice). Results on the CPU depend on "
+            "it (the order of float reductions), so recipes whose figures are quoted pin it",
+        )
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("torch_threads"):
+            import torch
+
+            torch.set_num_threads(config["torch_threads"])
 
     def _held_out(self, ckpt_path: str | None = None) -> dict[str, float]:
         results = self.trainer.validate(

@@ -416,3 +416,18 @@ def test_tiny_moe_recipe_logs_a_router_loss(tmp_path, synthetic_dir):
     assert math.isfinite(aux) and aux > 0  # top-2 routing: 2.0 when perfectly balanced
     csv_rows = (tmp_path / "moe").glob("**/metrics.csv")
     assert any("train/router_aux_loss" in p.read_text() for p in csv_rows)
+
+
+def test_torch_threads_is_applied_before_the_model_is_built(tmp_path, synthetic_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        VLMCLI(args=[*_tiny_args(tmp_path, synthetic_dir)[:2], "--torch_threads", "1"], run=False)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        VLMCLI(args=_tiny_args(tmp_path, synthetic_dir)[:2], run=False)  # the recipe pins it too
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
