@@ -153,6 +153,25 @@ class VLMDataModule(L.LightningDataModule):
         rgb = [im.convert("RGB") for im in images]
         return self.processor(text=[text], images=rgb, add_special_tokens=False)["input_ids"].shape[1]
 
+    def _collator(self, split: str):
+        """The collate function of ``split`` (``train``, ``val``, ``test``, ``predict``, or a split scanned
+        by an objective)."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self._collator("train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if "val" not in self.datasets:
+            return []
+        return self._loader("val", self._collator("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self._collator("test"), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self._collator("predict"), shuffle=False)
+
     def _loader(self, split: str, collate, shuffle: bool) -> DataLoader:
         h = self.hparams
         return DataLoader(

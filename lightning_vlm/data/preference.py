@@ -162,20 +162,6 @@ class PreferenceDataModule(VLMDataModule):
     def _collator(self, split: str) -> PreferenceCollator:
         return PreferenceCollator(self.processor, self.vision_once, split)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self._collator("train"), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if "val" not in self.datasets:
-            return []
-        return self._loader("val", self._collator("val"), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self._collator("test"), shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self._collator("predict"), shuffle=False)
-
     def scan_dataloader(self, split: str) -> DataLoader:
         """Every row of ``split`` once, in order, this rank's share (for precomputing reference log-probs)."""
         trainer = self.trainer

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import DataLoader
-
 from lightning_vlm.data.base import VLMDataModule
 from lightning_vlm.data.collate import encode, render
 from lightning_vlm.data.preference import prompt_messages
@@ -104,17 +102,3 @@ class PromptDataModule(VLMDataModule):
 
     def _collator(self, split: str) -> PromptCollator:
         return PromptCollator(self.processor, split, self.system_prompt)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self._collator("train"), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if "val" not in self.datasets:
-            return []
-        return self._loader("val", self._collator("val"), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self._collator("test"), shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self._collator("predict"), shuffle=False)

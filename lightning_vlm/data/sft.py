@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
-
 from lightning_vlm.data.base import VLMDataModule
 from lightning_vlm.data.collate import SFTCollator, render
 from lightning_vlm.data.rows import BadRowError, count_image_parts
@@ -27,16 +25,6 @@ class SFTDataModule(VLMDataModule):
         images = self.images_of(row, n_images, "messages")
         return self.token_length(render(self.processor, messages), images)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", SFTCollator(self.processor), shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if "val" not in self.datasets:
-            return []
-        return self._loader("val", SFTCollator(self.processor, with_prompts=True), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", SFTCollator(self.processor, with_prompts=True), shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", SFTCollator(self.processor, with_prompts=True), shuffle=False)
+    def _collator(self, split: str) -> SFTCollator:
+        # Held-out batches also carry generation prompts for the exact-match accuracy.
+        return SFTCollator(self.processor, with_prompts=split != "train")

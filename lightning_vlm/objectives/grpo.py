@@ -17,11 +17,11 @@ from typing import Any, Literal
 from lightning_vlm.backbone import BackboneConfig
 from lightning_vlm.losses import grpo_loss
 from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.objectives.online import OnlineRL, rollout_callback
+from lightning_vlm.objectives.online import OnlineRL, OnlineSteps
 from lightning_vlm.rollout import Rollout
 
 
-class GRPO(VLMObjective):
+class GRPO(OnlineSteps, VLMObjective):
     """GRPO on prompts with images and verifiable (or learned) rewards; needs a RolloutCallback."""
 
     def __init__(
@@ -91,18 +91,3 @@ class GRPO(VLMObjective):
             norm=h.norm,
             max_completion_length=rollout.max_new_tokens,
         )
-
-    def on_fit_start(self) -> None:
-        rollout_callback(self.trainer)
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        self.online.train(batch["rollouts"], self.policy_loss)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.online.evaluate(batch, "val", self.hparams.eval_max_new_tokens)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.online.evaluate(batch, "test", self.hparams.eval_max_new_tokens)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return self.online.evaluate(batch, None, self.hparams.eval_max_new_tokens)

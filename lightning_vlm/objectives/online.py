@@ -253,3 +253,24 @@ class OnlineRL:
                     prog_bar=name == "accuracy",
                 )
         return rows
+
+
+class OnlineSteps:
+    """The Lightning steps every online objective shares, mixed in beside :class:`VLMObjective`
+    (``class GRPO(OnlineSteps, VLMObjective)``). The objective provides ``self.online`` (an
+    :class:`OnlineRL`) and ``policy_loss(logps, old_logps, advantages, mask, ref_logps, rollout)``."""
+
+    def on_fit_start(self) -> None:
+        rollout_callback(self.trainer)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        self.online.train(batch["rollouts"], self.policy_loss)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.online.evaluate(batch, "val", self.hparams.eval_max_new_tokens)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.online.evaluate(batch, "test", self.hparams.eval_max_new_tokens)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        return self.online.evaluate(batch, None, self.hparams.eval_max_new_tokens)
