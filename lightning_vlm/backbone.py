@@ -349,36 +349,13 @@ class VLMBackbone(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        vision: dict[str, torch.Tensor],
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        num_return_sequences: int = 1,
-        features: dict[str, Any] | None = None,
-        min_new_tokens: int = 0,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict[str, Any], **settings: Any
     ) -> torch.Tensor:
-        """Completion ids, (B * num_return_sequences, N); see :func:`lightning_vlm.generation.generate`
-        (prompt i's samples are adjacent rows and share one prefill of the prompt)."""
-        return generation.generate(
-            self.model,
-            self.tokenizer,
-            input_ids,
-            attention_mask,
-            vision,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            num_return_sequences=num_return_sequences,
-            features=features,
-            min_new_tokens=min_new_tokens,
-        )
+        """Completion ids, (B * num_return_sequences, N): :func:`lightning_vlm.generation.generate` on
+        the policy (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+        ``num_return_sequences``, ``features``, ``min_new_tokens``). Prompt i's samples are adjacent
+        rows and share one prefill of the prompt."""
+        return generation.generate(self.model, self.tokenizer, input_ids, attention_mask, vision, **settings)
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
