@@ -357,7 +357,8 @@ class RolloutCallback(L.Callback):
                     [rec[k] for k in columns[:-1]] + [wandb.Image(ims[0]) if ims else None]
                     for rec, ims in zip(records, images, strict=True)
                 ]
-                logger.log_table(key="rollout/samples", columns=columns, data=data, step=step)
+                # No explicit step: W&B steps must increase, and Lightning logs by batches, not optimiser steps.
+                logger.log_table(key="rollout/samples", columns=columns, data=data)
 
 
 def _spread(rollout: Rollout) -> torch.Tensor:

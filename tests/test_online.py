@@ -633,3 +633,23 @@ def test_validation_scores_greedy_answers(grpo_run, synthetic_dir):
     assert metrics["val/rewards/token_reward"] == pytest.approx(sum(tokens) / B)
     assert metrics["val/rewards/even_prompts"] == pytest.approx(lengths[0])
     assert metrics["val/reward"] == pytest.approx((tokens[0] + tokens[1] + lengths[0]) / B)
+
+
+def test_samples_table_goes_to_wandb_every_rollout(tmp_path, synthetic_dir):
+    from lightning.pytorch.loggers import WandbLogger
+
+    module = GSPO(BackboneConfig(tiny=TinyVLM()), mini_batches=2)  # 2 optimiser steps per rollout
+    data = PromptDataModule(train=str(synthetic_dir / "prompt_train.jsonl"), batch_size=2)
+    logger = WandbLogger(project="tables", save_dir=str(tmp_path), offline=True)
+    trainer = L.Trainer(
+        max_steps=6, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[_callback(table_every_n_steps=1)],
+    )  # fmt: skip
+    trainer.fit(module, data)
+    import wandb
+
+    wandb.finish()
+    tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/rollout/samples_*.table.json"))
+    assert len(tables) == 3  # one per rollout, none dropped for a non-increasing step
+    assert (tmp_path / "samples.jsonl").read_text().count("\n") == 3 * 2 * G
