@@ -326,3 +326,22 @@ def gspo_loss(
     metrics["clip/high"] = ((seq_ratio > 1 + eps_high) & (a > 0)).float().mean()
     metrics["ratio"] = seq_ratio.mean()
     return per_seq.mean(), metrics
+
+
+from lightning_vlm.losses.ppo import gae, kl_penalty_rewards, masked_whiten, ppo_losses  # noqa: E402
+
+__all__ = [
+    "bco_pair_loss",
+    "dpo_loss",
+    "gae",
+    "group_advantages",
+    "grpo_loss",
+    "gspo_loss",
+    "hinge_loss",
+    "ipo_loss",
+    "kl_penalty_rewards",
+    "masked_whiten",
+    "ppo_losses",
+    "reward_model_loss",
+    "sft_loss",
+]
