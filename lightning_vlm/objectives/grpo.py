@@ -65,17 +65,7 @@ class GRPO(OnlineSteps, VLMObjective):
         self.need_reference = beta > 0
         super().__init__(backbone, **kwargs)
         self.automatic_optimization = False  # several optimiser steps per rollout
-        self.online = OnlineRL(
-            self,
-            beta,
-            scale_rewards,
-            num_iterations,
-            mini_batches,
-            accumulation,
-            max_grad_norm,
-            token_norm=norm in ("bnpo", "dapo"),
-            router_aux_coef=router_aux_coef,
-        )
+        self.online = OnlineRL(self, token_norm=norm in ("bnpo", "dapo"))
 
     def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout):
         h = self.hparams

@@ -61,17 +61,7 @@ class GSPO(OnlineSteps, VLMObjective):
         self.need_reference = beta > 0
         super().__init__(backbone, **kwargs)
         self.automatic_optimization = False  # several optimiser steps per rollout
-        self.online = OnlineRL(
-            self,
-            beta,
-            scale_rewards,
-            num_iterations,
-            mini_batches,
-            accumulation,
-            max_grad_norm,
-            token_norm=False,
-            router_aux_coef=router_aux_coef,
-        )
+        self.online = OnlineRL(self, token_norm=False)
 
     def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout):
         h = self.hparams

@@ -42,33 +42,30 @@ def rollout_callback(trainer) -> RolloutCallback:
 class OnlineRL:
     """Rollout-side hooks and the update loop of an online objective (see the module docstring)."""
 
-    def __init__(
-        self,
-        module,
-        beta: float,
-        scale_rewards: str,
-        num_iterations: int,
-        mini_batches: int,
-        accumulation: int,
-        max_grad_norm: float | None,
-        token_norm: bool,
-        router_aux_coef: float,
-    ):
-        if scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"model.scale_rewards must be group, batch or none; got {scale_rewards!r}")
-        for name, value in (
-            ("num_iterations", num_iterations),
-            ("mini_batches", mini_batches),
-            ("accumulation", accumulation),
-        ):
-            if value < 1:
-                raise ValueError(f"model.{name} must be at least 1, got {value}")
+    def __init__(self, module, token_norm: bool):
+        """
+        Args:
+            module: The objective. Its hyperparameters hold the shared settings (``beta``,
+                ``scale_rewards``, ``num_iterations``, ``mini_batches``, ``accumulation``,
+                ``max_grad_norm``, ``router_aux_coef``), documented in its ``__init__``.
+            token_norm: The loss divides by tokens (dapo/bnpo), else by sequences.
+        """
+        h = module.hparams
+        if h.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"model.scale_rewards must be group, batch or none; got {h.scale_rewards!r}")
+        for name in ("num_iterations", "mini_batches", "accumulation"):
+            if h[name] < 1:
+                raise ValueError(f"model.{name} must be at least 1, got {h[name]}")
         self.module = module
-        self.beta, self.scale = beta, scale_rewards
-        self.num_iterations, self.mini_batches, self.accumulation = num_iterations, mini_batches, accumulation
-        self.max_grad_norm = max_grad_norm
-        self.token_norm = token_norm  # the loss divides by tokens (dapo/bnpo), else by sequences
-        self.router_aux_coef = router_aux_coef
+        self.beta, self.scale = h.beta, h.scale_rewards
+        self.num_iterations, self.mini_batches, self.accumulation = (
+            h.num_iterations,
+            h.mini_batches,
+            h.accumulation,
+        )
+        self.max_grad_norm = h.max_grad_norm
+        self.token_norm = token_norm
+        self.router_aux_coef = h.router_aux_coef
 
     # ------------------------------------------------------------------ asked by the callback
     def check_group_size(self, G: int) -> None:
