@@ -116,11 +116,12 @@ class VLMCLI(LightningCLI):
             return
         after = self._held_out()
         if self.trainer.is_global_zero:
-            print("\nheld-out metrics     before      after")
-            for key in sorted(set(self._before) | set(after)):
-                print(
-                    f"  {key:<16} {self._before.get(key, float('nan')):>10.4f} {after.get(key, float('nan')):>10.4f}"
-                )
+            keys = sorted(set(self._before) | set(after))
+            width = max([16, *map(len, keys)])
+            print(f"\n{'held-out metrics':<{width + 2}}     before      after")
+            for key in keys:
+                before, now = self._before.get(key, float("nan")), after.get(key, float("nan"))
+                print(f"  {key:<{width}} {before:>10.4f} {now:>10.4f}")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -143,10 +143,8 @@ class RolloutCallback(L.Callback):
                 index and the rank, so a resumed run samples what the uninterrupted one would have.
         """
         super().__init__()
-        if num_generations < 2:
-            raise ValueError(
-                "rollout.num_generations must be at least 2 (advantages compare samples of a group)"
-            )
+        if num_generations < 1:
+            raise ValueError(f"rollout.num_generations must be at least 1, got {num_generations}")
         self.G = num_generations
         self.sampling = dict(
             max_new_tokens=max_new_tokens,
@@ -176,6 +174,10 @@ class RolloutCallback(L.Callback):
                 f"RolloutCallback: {type(pl_module).__name__} is not an online objective (GRPO, GSPO, PPO)"
             )
         pl_module.online.check_group_size(self.G)
+        if self.dynamic_sampling and self.G < 2:
+            raise ValueError(
+                "rollout.dynamic_sampling drops groups of equal rewards: it needs num_generations >= 2"
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch: dict, batch_idx: int) -> None:
         rollouts = [self.rollout(pl_module, batch)]
@@ -184,12 +186,12 @@ class RolloutCallback(L.Callback):
         online = pl_module.online
         needs = online.needs()
         for r in rollouts:
-            r.advantages = online.advantages(r)
             if needs["old_logps"]:
                 r.old_logps = online.logps(r)
             if needs["ref_logps"]:
                 with pl_module.backbone.reference() as ref:
                     r.ref_logps = online.logps(r, model=ref)
+            r.advantages = online.advantages(r)  # PPO's use the log-probs above
         batch["rollouts"] = rollouts
         self._log(pl_module, rollouts, len(batch["rows"]))
         if (
@@ -214,8 +216,9 @@ class RolloutCallback(L.Callback):
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def rollout(self, pl_module, batch: dict, draw: int = 0) -> Rollout:
-        """Sample, mask and score the G completions of every prompt in ``batch``."""
+    def rollout(self, pl_module, batch: dict, draw: int = 0, seed: int | None = None) -> Rollout:
+        """Sample, mask and score the G completions of every prompt in ``batch`` (``seed``: sample with
+        this seed instead of the rollout's, e.g. for held-out sampling that is the same at every check)."""
         bb = pl_module.backbone
         ids, mask, vision = batch["input_ids"], batch["attention_mask"], batch["vision"]
         features = None
@@ -223,7 +226,7 @@ class RolloutCallback(L.Callback):
             features = bb.encode_images(vision)
         devices = [ids.device] if ids.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=ids.device.type):
-            torch.manual_seed(self._seed(pl_module.global_rank, draw))
+            torch.manual_seed(self._seed(pl_module.global_rank, draw) if seed is None else seed)
             completions = bb.generate(
                 ids, mask, vision, num_return_sequences=self.G, features=features, **self.sampling
             )
@@ -338,7 +341,7 @@ class RolloutCallback(L.Callback):
                 "prompt": _prompt_text(batch["prompts"][i]),
                 "completion": rollout.texts[s],
                 "reward": float(rollout.rewards[s]),
-                "advantage": float(rollout.advantages[s]) if rollout.advantages is not None else None,
+                "advantage": _advantage(rollout, s),
                 **{k: _finite(v[s]) for k, v in rollout.rewards_per_function.items()},
                 "images": paths,
             }
@@ -365,6 +368,17 @@ def _spread(rollout: Rollout) -> torch.Tensor:
     """(B,) bool: the group's rewards are not all equal."""
     r = rollout.rewards.view(-1, rollout.group_size)
     return (r.max(1).values - r.min(1).values) > 1e-6
+
+
+def _advantage(rollout: Rollout, s: int) -> float | None:
+    """Sample s's advantage; for per-token advantages (PPO) their mean over the completion."""
+    a = rollout.advantages
+    if a is None:
+        return None
+    if a.dim() == 1:
+        return float(a[s])
+    m = rollout.completion_mask[s].float()
+    return float((a[s] * m).sum() / m.sum().clamp(min=1.0))
 
 
 def _finite(value: torch.Tensor) -> float | None:

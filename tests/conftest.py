@@ -54,3 +54,25 @@ def _finish_wandb_runs():
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
+
+
+@pytest.fixture(scope="session")
+def rm_folder(tmp_path_factory):
+    """A reward model export of the tiny Qwen2-VL, as ExportHF writes it (a random, non-zero head)."""
+    import torch
+
+    from lightning_vlm import BackboneConfig, TinyVLM
+    from lightning_vlm.objectives import RewardModel
+    from lightning_vlm.processing import save_processor
+
+    torch.manual_seed(1)
+    rm = RewardModel(BackboneConfig(tiny=TinyVLM(family="qwen2_vl")))
+    rm.configure_model()
+    with torch.no_grad():
+        rm.head.weight.normal_(std=0.5)
+        rm.head.bias.fill_(0.3)
+    folder = tmp_path_factory.mktemp("rm") / "hf"
+    rm.backbone.model.save_pretrained(folder)
+    save_processor(rm.backbone.processor, folder)
+    rm.save_extra(folder)
+    return folder

@@ -395,6 +395,39 @@ def test_real_online_recipes_instantiate_against_a_saved_tiny_folder(recipe, fam
         assert h.router_aux_coef == 0.001 and moe_layout(cli.model.backbone.model) is not None
 
 
+def test_real_ppo_recipe_instantiates_against_saved_tiny_folders(rm_folder, tmp_path, synthetic_dir):
+    from lightning_vlm.rewards import RewardModelReward
+    from lightning_vlm.rollout import RolloutCallback
+
+    cli = VLMCLI(
+        args=[
+            "--config", str(ROOT / "zoo" / "qwen2vl_ppo.yaml"),
+            "--model.init_args.backbone.model_name_or_path", str(ensure_tiny_vlm(TinyVLM(family="qwen2_vl"))),
+            "--model.init_args.critic.model_name_or_path", str(rm_folder),
+            "--trainer.accelerator", "cpu",
+            "--trainer.precision", "32-true",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--data.init_args.train", str(synthetic_dir / "prompt_train.jsonl"),
+            "--data.init_args.columns", "{}",
+        ],
+        run=False,
+    )  # fmt: skip
+    (rollout,) = [c for c in cli.trainer.callbacks if isinstance(c, RolloutCallback)]
+    (reward,) = rollout.rewards
+    assert isinstance(reward, RewardModelReward) and reward.path == "runs/qwen2vl_rm/hf"
+    h = cli.model.hparams
+    assert (h.kl_coef, h.kl, h.gamma, h.lam, h.cliprange, h.cliprange_value, h.vf_coef, h.num_iterations) == (
+        0.05, "k1", 1.0, 0.95, 0.2, 0.2, 0.1, 4)  # fmt: skip
+    cli.model.configure_model()
+    for part in (cli.model.backbone, cli.model.critic.backbone):
+        trainable = [n for n, p in part.model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+    assert cli.model.critic.head.weight.requires_grad
+    assert cli.model.backbone._reference is None  # LoRA: the reference is the policy without adapters
+    rollout.on_fit_start(cli.trainer, cli.model)  # the group size fits mini_batches x accumulation
+
+
 def test_tiny_moe_recipe_logs_a_router_loss(tmp_path, synthetic_dir):
     override = {
         "trainer": {"max_steps": 2, "limit_val_batches": 0, "default_root_dir": str(tmp_path),
@@ -431,3 +464,56 @@ def test_torch_threads_is_applied_before_the_model_is_built(tmp_path, synthetic_
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_tiny_rlhf_pipeline_sft_rm_ppo_runs_from_the_cli(tmp_path, synthetic_dir, capsys):
+    """The three stages of docs/ppo.md from the CLI, each a few steps: SFT, a reward model on preference
+    pairs from the SFT export, then PPO from the SFT export with the reward model as reward and critic."""
+    from lightning_vlm.rewards import RewardModelReward
+
+    def run(recipe: str, stage: str, override: dict) -> VLMCLI:
+        out = tmp_path / stage
+        export = {"class_path": "lightning_vlm.callbacks.ExportHF", "init_args": {"dirpath": str(out / "hf")}}
+        trainer = {"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1, "logger": False,
+                   "default_root_dir": str(out), "enable_progress_bar": False}  # fmt: skip
+        trainer.update(override.pop("trainer", {}))
+        trainer["callbacks"] = [*trainer.get("callbacks", []), export]
+        config = {"trainer": trainer, "report_held_out": stage == "ppo", **override}
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return VLMCLI(args=["fit", "--config", str(ROOT / "zoo" / recipe), "--config", str(path)])
+
+    def data(kind: str) -> dict:
+        return {"init_args": {"synthetic": None, "train": str(synthetic_dir / f"{kind}_train.jsonl"),
+                              "val": str(synthetic_dir / f"{kind}_val.jsonl"), "batch_size": 2,
+                              "eval_batch_size": 2, "num_workers": 0}}  # fmt: skip
+
+    run("tiny_qwen2vl_sft.yaml", "sft", {"data": data("sft")})
+    sft = str(tmp_path / "sft" / "hf")
+    run("tiny_qwen2vl_rm.yaml", "rm", {"data": data("pref"),
+                                       "model": {"init_args": {"backbone": {"model_name_or_path": sft}}}})  # fmt: skip
+    rm = str(tmp_path / "rm" / "hf")
+    assert (tmp_path / "rm" / "hf" / "reward_head.safetensors").is_file()
+    rollout = {"class_path": "lightning_vlm.rollout.RolloutCallback",
+               "init_args": {"num_generations": 2, "max_new_tokens": 4, "table_every_n_steps": 0,
+                             "rewards": [{"class_path": "lightning_vlm.rewards.RewardModelReward",
+                                          "init_args": {"path": rm}}, "lightning_vlm.rewards.accuracy"],
+                             "reward_weights": [1.0, 0.0]}}  # fmt: skip
+    capsys.readouterr()
+    cli = run("tiny_qwen2vl_ppo.yaml", "ppo", {
+        "trainer": {"max_steps": 8, "val_check_interval": 1, "callbacks": [rollout], "log_every_n_steps": 1,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path / "ppo"), "name": "csv"}}},
+        "data": data("prompt"),
+        "model": {"init_args": {"backbone": {"model_name_or_path": sft}, "critic": {"model_name_or_path": rm}}},
+    })  # fmt: skip
+    assert cli.trainer.global_step == 8  # one rollout: 4 epochs x 2 mini-batches
+    callback = next(c for c in cli.trainer.callbacks if hasattr(c, "rewards"))
+    assert isinstance(callback.rewards[0], RewardModelReward) and callback.rewards[0].path == rm
+    (csv,) = (tmp_path / "ppo" / "csv").glob("**/metrics.csv")
+    header = csv.read_text().splitlines()[0].split(",")
+    for key in ("objective/kl", "objective/scores", "value/explained_variance", "policy/clipfrac", "val/kl"):
+        assert key in header, key
+    out = capsys.readouterr().out
+    assert "held-out metrics" in out and "val/score" in out and "val/kl" in out
+    assert (tmp_path / "ppo" / "hf" / "config.json").is_file()

@@ -542,8 +542,8 @@ def test_reward_that_raises_names_the_sample(plain_grpo, synthetic_dir):
 
 
 def test_bad_settings_fail_clearly(synthetic_dir):
-    with pytest.raises(ValueError, match="num_generations must be at least 2"):
-        RolloutCallback(num_generations=1)
+    with pytest.raises(ValueError, match="num_generations must be at least 2 for GRPO"):
+        _fit(_module(GRPO), synthetic_dir, [_callback(num_generations=1)])
     module = _module(GRPO, mini_batches=3)
     with pytest.raises(ValueError, match=r"rollout.num_generations \(4\) must be divisible by model.mini_batches "
                                          r"x model.accumulation \(3 x 1\)"):  # fmt: skip

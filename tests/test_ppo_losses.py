@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from lightning_vlm.losses import gae, kl_penalty_rewards, masked_whiten, ppo_losses
+from lightning_vlm.losses import explained_variance, gae, kl_penalty_rewards, masked_whiten, ppo_losses
 
 
 def test_gae_hand_computed():
@@ -147,3 +147,15 @@ def test_ppo_losses_match_float64_reference():
     assert torch.allclose(v.grad.double(), gv, atol=1e-6)
     d = (logps - old)[mask.bool()].double()
     assert m["policy/approxkl"].item() == pytest.approx(0.5 * (d**2).mean().item(), rel=1e-5)
+
+
+def test_explained_variance_matches_statistics():
+    values = torch.tensor([[0.5, 1.0, 9.0], [2.0, 0.0, 9.0]])
+    returns = torch.tensor([[1.0, 2.0, 7.0], [1.5, -1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the third column is padding
+    r, v = [1.0, 2.0, 1.5, -1.0], [0.5, 1.0, 2.0, 0.0]
+    expected = 1 - statistics.pvariance([a - b for a, b in zip(r, v, strict=True)]) / statistics.pvariance(r)
+    assert float(explained_variance(values, returns, mask)) == pytest.approx(expected, rel=1e-6)
+    assert float(explained_variance(returns, returns, mask)) == pytest.approx(1.0)  # a perfect critic
+    flat = torch.ones(2, 3)
+    assert math.isnan(float(explained_variance(values, flat, mask)))  # returns that do not vary

@@ -328,11 +328,18 @@ def gspo_loss(
     return per_seq.mean(), metrics
 
 
-from lightning_vlm.losses.ppo import gae, kl_penalty_rewards, masked_whiten, ppo_losses  # noqa: E402
+from lightning_vlm.losses.ppo import (  # noqa: E402
+    explained_variance,
+    gae,
+    kl_penalty_rewards,
+    masked_whiten,
+    ppo_losses,
+)
 
 __all__ = [
     "bco_pair_loss",
     "dpo_loss",
+    "explained_variance",
     "gae",
     "group_advantages",
     "grpo_loss",

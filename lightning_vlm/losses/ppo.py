@@ -158,3 +158,16 @@ def ppo_losses(
         "value/clipfrac": _masked_mean((vf2 > vf1).to(mask.dtype), mask).detach(),
     }
     return loss, metrics
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over the masked tokens: 1 is a perfect critic, 0 one
+    no better than a constant, negative one worse (NaN when the returns do not vary)."""
+    mask = mask.to(values.dtype)
+
+    def var(x: torch.Tensor) -> torch.Tensor:
+        mean = _masked_mean(x, mask)
+        return _masked_mean((x - mean) ** 2, mask)
+
+    v = var(returns)
+    return torch.where(v > 0, 1 - var(returns - values) / v, torch.full_like(v, float("nan"))).detach()

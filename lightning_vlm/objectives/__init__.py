@@ -5,7 +5,8 @@ from lightning_vlm.objectives.dpo import DPO
 from lightning_vlm.objectives.grpo import GRPO
 from lightning_vlm.objectives.gspo import GSPO
 from lightning_vlm.objectives.mpo import MPO
+from lightning_vlm.objectives.ppo import PPO
 from lightning_vlm.objectives.reward_model import RewardModel
 from lightning_vlm.objectives.sft import SFT
 
-__all__ = ["DPO", "GRPO", "GSPO", "MPO", "SFT", "RewardModel", "VLMObjective"]
+__all__ = ["DPO", "GRPO", "GSPO", "MPO", "PPO", "SFT", "RewardModel", "VLMObjective"]

@@ -121,17 +121,22 @@ class VLMObjective(L.LightningModule):
         self._step(batch, "test")
 
     # ------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The default AdamW's parameter groups: no decay on biases and norm weights (1-D tensors), as
+        HF Trainer and TRL do. An objective with several parts may give a part its own ``lr``."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_factory is not None:
-            opt = self.optimizer_factory(params)
-        else:  # no decay on biases and norm weights (1-D tensors), as HF Trainer and TRL do
-            groups = [
-                {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-            ]
-            opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=h.lr)
+            opt = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        else:
+            opt = torch.optim.AdamW(self.param_groups(), lr=h.lr)
         if self.scheduler_factory is not None:
             sched = self.scheduler_factory(opt)
         else:

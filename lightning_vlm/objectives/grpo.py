@@ -67,7 +67,7 @@ class GRPO(OnlineSteps, VLMObjective):
         self.automatic_optimization = False  # several optimiser steps per rollout
         self.online = OnlineRL(self, token_norm=norm in ("bnpo", "dapo"))
 
-    def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout):
+    def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout, samples=None):
         h = self.hparams
         return grpo_loss(
             logps,

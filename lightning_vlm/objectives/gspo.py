@@ -63,7 +63,7 @@ class GSPO(OnlineSteps, VLMObjective):
         self.automatic_optimization = False  # several optimiser steps per rollout
         self.online = OnlineRL(self, token_norm=False)
 
-    def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout):
+    def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout, samples=None):
         h = self.hparams
         return gspo_loss(
             logps,

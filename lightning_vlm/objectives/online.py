@@ -27,6 +27,9 @@ from lightning_vlm.rollout import Rollout, RolloutCallback, completion_mask
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# Metrics named in these sections keep their names (PPO's, as TRL and the N+ details paper name them);
+# every other training metric is logged as ``train/<name>``.
+SECTIONS = ("objective/", "policy/", "value/")
 
 
 def rollout_callback(trainer) -> RolloutCallback:
@@ -45,19 +48,19 @@ class OnlineRL:
     def __init__(self, module, token_norm: bool):
         """
         Args:
-            module: The objective. Its hyperparameters hold the shared settings (``beta``,
-                ``scale_rewards``, ``num_iterations``, ``mini_batches``, ``accumulation``,
-                ``max_grad_norm``, ``router_aux_coef``), documented in its ``__init__``.
+            module: The objective. Its hyperparameters hold the shared settings (``num_iterations``,
+                ``mini_batches``, ``accumulation``, ``max_grad_norm``, ``router_aux_coef``), documented
+                in its ``__init__``; its ``need_reference`` and ``needs_old_logps`` say which extra
+                log-probs a rollout needs, and its ``advantages(rollout)`` computes the advantages.
             token_norm: The loss divides by tokens (dapo/bnpo), else by sequences.
         """
         h = module.hparams
-        if h.scale_rewards not in ("group", "batch", "none"):
+        if h.get("scale_rewards", "group") not in ("group", "batch", "none"):
             raise ValueError(f"model.scale_rewards must be group, batch or none; got {h.scale_rewards!r}")
         for name in ("num_iterations", "mini_batches", "accumulation"):
             if h[name] < 1:
                 raise ValueError(f"model.{name} must be at least 1, got {h[name]}")
         self.module = module
-        self.beta, self.scale = h.beta, h.scale_rewards
         self.num_iterations, self.mini_batches, self.accumulation = (
             h.num_iterations,
             h.mini_batches,
@@ -69,6 +72,12 @@ class OnlineRL:
 
     # ------------------------------------------------------------------ asked by the callback
     def check_group_size(self, G: int) -> None:
+        least = self.module.min_group_size
+        if G < least:
+            raise ValueError(
+                f"rollout.num_generations must be at least {least} for {type(self.module).__name__}, got {G}"
+                + (" (advantages compare the samples of a group)" if least > 1 else "")
+            )
         if G % (self.mini_batches * self.accumulation):
             raise ValueError(
                 f"rollout.num_generations ({G}) must be divisible by model.mini_batches x model.accumulation "
@@ -76,11 +85,15 @@ class OnlineRL:
             )
 
     def needs(self) -> dict[str, bool]:
-        # On-policy (one optimiser step per rollout) the ratio is exactly 1: no old-policy forward.
-        return {"old_logps": self.num_iterations * self.mini_batches > 1, "ref_logps": self.beta > 0}
+        # On-policy (one optimiser step per rollout) the ratio is exactly 1: no old-policy forward,
+        # unless the objective uses the sampling policy's log-probs elsewhere (PPO's KL reward).
+        m = self.module
+        old = self.num_iterations * self.mini_batches > 1 or m.needs_old_logps
+        return {"old_logps": old, "ref_logps": m.need_reference}
 
     def advantages(self, rollout: Rollout) -> torch.Tensor:
-        return group_advantages(rollout.rewards, rollout.group_size, scale=self.scale)[0]
+        """(B*G,) or (B*G, N) advantages, from the objective (after the old/reference log-probs)."""
+        return self.module.advantages(rollout)
 
     def chunks(self, G: int) -> list[list[list[int]]]:
         """Sample indices per forward, grouped per optimiser step: ``mini_batches`` x ``accumulation``."""
@@ -162,7 +175,7 @@ class OnlineRL:
         batch_size = rollouts[0].num_prompts
         for key, values in history.items():
             m.log(
-                f"train/{key}",
+                key if key.startswith(SECTIONS) else f"train/{key}",
                 torch.stack(values).float().mean(),
                 on_step=True,
                 batch_size=batch_size,
@@ -193,7 +206,9 @@ class OnlineRL:
         mask = r.completion_mask[rows] * keep[:, None]  # (R, N)
         old = r.old_logps[rows] if r.old_logps is not None else logps.detach()
         ref = r.ref_logps[rows] if r.ref_logps is not None else None
-        loss, metrics = loss_fn(logps, old, r.advantages[rows] * keep, mask, ref, r)
+        adv = r.advantages[rows]  # (R,) or, for per-token advantages, (R, N)
+        adv = adv * keep.view(-1, *[1] * (adv.dim() - 1))
+        loss, metrics = loss_fn(logps, old, adv, mask, ref, r, samples)
         # Rescale the chunk's own normalisation to the step's (all chunks, all ranks), so the update does
         # not depend on how the step is split into forwards or devices; DDP averages over ranks.
         own = (
@@ -204,7 +219,7 @@ class OnlineRL:
         world = self.module._trainer.world_size if self.module._trainer is not None else 1
         loss = loss * own * world / total
         tokens = mask.sum().clamp(min=1.0)
-        metrics = {**metrics, "entropy": (ent * mask).sum() / tokens}
+        metrics = {**metrics, "policy/entropy": (ent * mask).sum() / tokens}
         if aux is not None:
             metrics["router_aux_loss"] = aux.detach()
             loss = loss + self.router_aux_coef * aux / forwards
@@ -255,7 +270,16 @@ class OnlineRL:
 class OnlineSteps:
     """The Lightning steps every online objective shares, mixed in beside :class:`VLMObjective`
     (``class GRPO(OnlineSteps, VLMObjective)``). The objective provides ``self.online`` (an
-    :class:`OnlineRL`) and ``policy_loss(logps, old_logps, advantages, mask, ref_logps, rollout)``."""
+    :class:`OnlineRL`) and ``policy_loss(logps, old_logps, advantages, mask, ref_logps, rollout, samples)``
+    (``samples``: the sample indices of every prompt in this forward, see :meth:`Rollout.rows_of`).
+    Group-based objectives keep the defaults below; PPO overrides them."""
+
+    min_group_size = 2  # group-relative advantages need at least two samples per prompt
+    needs_old_logps = False  # beyond the ratio: True when the advantages use the sampling policy's log-probs
+
+    def advantages(self, rollout: Rollout) -> torch.Tensor:
+        """(B*G,) group-relative advantages of the rollout's rewards (``scale_rewards``)."""
+        return group_advantages(rollout.rewards, rollout.group_size, scale=self.hparams.scale_rewards)[0]
 
     def on_fit_start(self) -> None:
         rollout_callback(self.trainer)

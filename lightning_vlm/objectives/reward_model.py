@@ -9,7 +9,8 @@ response's score exceed the rejected one's (``-logsigmoid(rc - rr - margin)``), 
 scores centred on 0. Chosen and rejected share the prompt's images, encoded once per pair.
 Closest sibling: DPO, which learns the same preferences as an implicit reward inside the policy
 instead of a separate scorer. The trained model exports as an HF folder plus ``reward_head``
-files, and :meth:`RewardModel.from_pretrained` loads it back to score rollouts.
+files, and :meth:`RewardModel.from_pretrained` loads it back to score rollouts. :class:`Critic`,
+PPO's value model, starts from the same export and reads the head at every position.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_vlm.backbone import BackboneConfig
+from lightning_vlm.backbone import BackboneConfig, VLMBackbone
 from lightning_vlm.losses import reward_model_loss
 from lightning_vlm.objectives.base import VLMObjective
 
@@ -47,10 +48,7 @@ class RewardModel(VLMObjective):
 
     def configure_model(self) -> None:
         super().configure_model()
-        model = self.backbone.model
-        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-        if out is not None and out.weight is not inp.weight:
-            out.requires_grad_(False)  # the LM head is unused by a scorer; tied heads stay trainable
+        freeze_lm_head(self.backbone.model)
 
     def scores(self, input_ids, attention_mask, vision, copies: int = 1) -> torch.Tensor:
         """(N,) score of each sequence, read at its last non-padding token."""
@@ -95,12 +93,66 @@ class RewardModel(VLMObjective):
             folder: What ``ExportHF`` wrote for a RewardModel run.
             **backbone: Extra :class:`BackboneConfig` settings (dtype, attn_implementation, ...).
         """
-        from safetensors.torch import load_file
-
-        head = Path(folder) / HEAD_FILE
-        if not head.is_file():
-            raise FileNotFoundError(f"{folder}: no {HEAD_FILE} (not a reward model export)")
+        head = load_head(folder)
         model = cls(BackboneConfig(model_name_or_path=str(folder), **backbone))
         model.configure_model()
-        model.head.load_state_dict(load_file(str(head)))
+        model.head.load_state_dict(head)
         return model.eval().requires_grad_(False)
+
+
+def load_head(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The scalar head (``weight`` (1, H), ``bias`` (1,)) of a reward model export."""
+    from safetensors.torch import load_file
+
+    head = Path(folder) / HEAD_FILE
+    if not head.is_file():
+        raise FileNotFoundError(f"{folder}: no {HEAD_FILE} (not a reward model export)")
+    return load_file(str(head))
+
+
+def freeze_lm_head(model: nn.Module) -> None:
+    """A scorer never uses the LM head: freeze it (a head tied to the input embeddings stays trainable)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and out.weight is not inp.weight:
+        out.requires_grad_(False)
+
+
+class Critic(nn.Module):
+    """The value model: a VLM and a scalar head read at every position, started from a reward model
+    export (the RewardModel's backbone and head, as ``ExportHF`` wrote them)."""
+
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        if config.model_name_or_path is None:
+            raise ValueError("model.critic.model_name_or_path: the critic starts from a reward model export")
+        head = load_head(config.model_name_or_path)  # fails early, naming the folder
+        self.backbone = VLMBackbone(config)
+        self.head = nn.Linear(head["weight"].shape[1], 1)
+        self.head.load_state_dict(head)
+
+    def load(self) -> None:
+        self.backbone.load()
+        freeze_lm_head(self.backbone.model)
+
+    def values(self, seq: dict[str, Any], features: dict | None = None) -> torch.Tensor:
+        """(R, N) value of the state before each completion token (``Rollout.sequences`` inputs)."""
+        hidden = self.backbone.hidden_states(
+            seq["input_ids"], seq["attention_mask"], seq["vision"], copies=seq["copies"], features=features
+        )  # (R, P+N, H)
+        P = seq["prompt_length"]
+        h = hidden[:, P - 1 : -1]  # position t-1 holds the state in which token t is chosen
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def check_compatible(policy: VLMBackbone, critic: VLMBackbone) -> None:
+    """The critic reads the policy's token ids and vision inputs: same family, same vocabulary."""
+    a, b = policy.hf_config.model_type, critic.hf_config.model_type
+    if a != b:
+        raise ValueError(
+            f"model.critic ({critic.path}) is a {b} model but the policy is {a}: use the same family"
+        )
+    if policy.tokenizer.get_vocab() != critic.tokenizer.get_vocab():
+        raise ValueError(
+            f"model.critic ({critic.path}): its tokenizer differs from the policy's; the critic reads the "
+            "policy's token ids, so train the reward model from the same base as the policy"
+        )
