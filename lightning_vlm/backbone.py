@@ -286,6 +286,7 @@ class VLMBackbone(nn.Module):
         copies: int = 1,
         features: dict[str, Any] | None = None,
         entropy: bool = False,
+        temperature: float = 1.0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of each target token given everything before it.
 
@@ -302,6 +303,9 @@ class VLMBackbone(nn.Module):
             features: Precomputed image features (see :meth:`encode_images`).
             entropy: Also return the entropy of the predicted distribution at each target (no
                 gradient), from the same logits.
+            temperature: Score under ``softmax(logits / temperature)``, the distribution that
+                sampling at this temperature draws from (online RL's old, reference and training
+                log-probs all use the rollout's temperature).
 
         Returns:
             (B, T) float32 log-probs, 0 where ``target_mask`` is False (and the (B, T) entropies).
@@ -314,7 +318,14 @@ class VLMBackbone(nn.Module):
         chunk = max(1, self.config.logps_chunk_size)
         parts, entropies = [], []
         for start in range(0, h.shape[0], chunk):
-            args = (h[start : start + chunk], y[start : start + chunk], head, self.logit_softcap, entropy)
+            args = (
+                h[start : start + chunk],
+                y[start : start + chunk],
+                head,
+                self.logit_softcap,
+                entropy,
+                temperature,
+            )
             if torch.is_grad_enabled() and h.requires_grad:
                 logps, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
             else:
@@ -362,11 +373,18 @@ class VLMBackbone(nn.Module):
 
 
 def _chunk_logps(
-    h: torch.Tensor, y: torch.Tensor, head: nn.Module, softcap: float | None, entropy: bool = False
+    h: torch.Tensor,
+    y: torch.Tensor,
+    head: nn.Module,
+    softcap: float | None,
+    entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = head(h).float()  # (n, V)
     if softcap:  # Gemma-style final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = logits.logsumexp(-1)  # (n,)
     ent = None
     if entropy:

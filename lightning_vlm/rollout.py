@@ -48,7 +48,9 @@ class Rollout:
     truncated: torch.Tensor  # (B*G,) bool: reached max_new_tokens without EOS
     max_new_tokens: int
     keep: torch.Tensor  # (B*G,) bool
-    advantages: torch.Tensor | None = None  # (B*G,)
+    temperature: float = 1.0  # of the sampling: every log-prob over the rollout uses it
+    policy_frozen: bool = False  # the policy's forwards run without gradient (PPO's critic warm-up)
+    advantages: torch.Tensor | None = None  # (B*G,) per sample, or (B*G, N) per token (PPO)
     old_logps: torch.Tensor | None = None  # (B*G, N)
     ref_logps: torch.Tensor | None = None  # (B*G, N)
     extra: dict[str, Any] = field(default_factory=dict)  # objective-specific (PPO values, ...)
@@ -174,9 +176,11 @@ class RolloutCallback(L.Callback):
                 f"RolloutCallback: {type(pl_module).__name__} is not an online objective (GRPO, GSPO, PPO)"
             )
         pl_module.online.check_group_size(self.G)
-        if self.dynamic_sampling and self.G < 2:
+        if self.dynamic_sampling and (self.G < 2 or pl_module.min_group_size < 2):
             raise ValueError(
-                "rollout.dynamic_sampling drops groups of equal rewards: it needs num_generations >= 2"
+                "rollout.dynamic_sampling drops groups of equal rewards, which carry no signal only for "
+                f"group-relative advantages (GRPO, GSPO): it needs one of those and num_generations >= 2, "
+                f"got {type(pl_module).__name__} with num_generations {self.G}"
             )
 
     def on_train_batch_start(self, trainer, pl_module, batch: dict, batch_idx: int) -> None:
@@ -251,6 +255,7 @@ class RolloutCallback(L.Callback):
             truncated=truncated,
             max_new_tokens=self.sampling["max_new_tokens"],
             keep=torch.ones(len(texts), dtype=torch.bool, device=device),
+            temperature=self.sampling["temperature"],
         )
 
     def score(self, batch: dict, completion_ids, cmask, texts: list[str]) -> tuple[list[float], dict]:

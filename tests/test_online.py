@@ -102,7 +102,7 @@ def _extend(vision: dict, shape: tuple, n: int) -> dict:
 
 
 @torch.no_grad()
-def _plain_logps(model, dm, rollout, rows: list) -> torch.Tensor:
+def _plain_logps(model, dm, rollout, rows: list, temperature: float = 1.0) -> torch.Tensor:
     """(B*G, N) log-probs from plain full-vocabulary forwards: per prompt, its G sequences (the prompt
     unpadded, collated G times so each sequence has its own copy of the images, then the completion,
     masked after EOS); no shared features, no copies, no chunks."""
@@ -120,7 +120,7 @@ def _plain_logps(model, dm, rollout, rows: list) -> torch.Tensor:
         logits = model(
             input_ids=full, attention_mask=torch.cat([many["attention_mask"], cmask], 1), **vision
         ).logits
-        lp = logits[:, P - 1 : -1].float().log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+        lp = (logits[:, P - 1 : -1].float() / temperature).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
         out[i * G : (i + 1) * G] = lp * cmask
     return out
 
@@ -346,6 +346,25 @@ def test_block_order_logps_equal_plain_per_sample_forwards(family, vision, synth
     mask = r.completion_mask.bool()
     assert torch.allclose(ours[mask], plain[mask], atol=1e-5)
     assert (ours[~mask] == 0).all()
+
+
+def test_logps_use_the_sampling_temperature(synthetic_dir):
+    """Sampled at temperature T, a token's probability is softmax(logits / T): the old, reference and
+    training log-probs score that distribution, not the untempered one."""
+    module = _module(GRPO, beta=0.1, num_iterations=2)
+    bb = module.backbone
+    dm = _dm(bb.processor, synthetic_dir)
+    batch = _batch(dm)
+    r = _rollout(module, batch, _callback(temperature=0.5))
+    assert r.temperature == 0.5
+    ours = module.online.logps(r)
+    mask = r.completion_mask.bool()
+    assert torch.allclose(ours[mask], _plain_logps(bb.model, dm, r, batch["rows"], 0.5)[mask], atol=1e-5)
+    assert not torch.allclose(ours[mask], _plain_logps(bb.model, dm, r, batch["rows"])[mask], atol=1e-3)
+    with bb.reference() as ref:
+        assert torch.allclose(module.online.logps(r, model=ref), ours, atol=1e-6)  # untrained: ref = policy
+    logps, _, _ = module.online.forward(r, [0, 1])
+    assert torch.allclose(logps, ours[r.rows_of([0, 1])], atol=1e-5)  # the training forward too
 
 
 # ---------------------------------------------------------------- 5. loss and accumulation

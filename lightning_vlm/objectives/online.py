@@ -129,14 +129,15 @@ class OnlineRL:
             seq["copies"],
             features,
         )
+        kw = {"entropy": entropy, "temperature": rollout.temperature}
         aux = None
         if self.router_aux_coef and model is None and torch.is_grad_enabled():
             with capture_router_logits(bb.model) as logits:
-                out = bb.token_logps(*args, entropy=entropy)
+                out = bb.token_logps(*args, **kw)
             experts, top_k = moe_layout(bb.model)
             aux = load_balancing_loss(logits, experts, top_k, seq["attention_mask"])
         else:
-            out = bb.token_logps(*args, entropy=entropy)
+            out = bb.token_logps(*args, **kw)
         logps, ent = out if entropy else (out, None)
         P = seq["prompt_length"]
         return logps[:, P:], (ent[:, P:] if ent is not None else None), aux
@@ -202,7 +203,8 @@ class OnlineRL:
         keep = r.keep[rows]
         if not keep.any():
             return None, {}
-        logps, ent, aux = self.forward(r, samples, entropy=True)
+        with torch.set_grad_enabled(not r.policy_frozen):  # frozen: no policy graph, no router loss
+            logps, ent, aux = self.forward(r, samples, entropy=True)
         mask = r.completion_mask[rows] * keep[:, None]  # (R, N)
         old = r.old_logps[rows] if r.old_logps is not None else logps.detach()
         ref = r.ref_logps[rows] if r.ref_logps is not None else None

@@ -82,9 +82,9 @@ class PPO(OnlineSteps, VLMObjective):
             whiten_advantages: Whiten the advantages over the rollout's tokens (mean 0, std 1).
             missing_eos_penalty: Subtract this from the score of completions cut at ``max_new_tokens``
                 without EOS (null: off).
-            critic_warmup_rollouts: The first N rollouts train the critic only (the policy's loss is
-                detached), so its values fit the returns before they steer the policy (OpenRLHF's
-                ``freezing_actor_steps``).
+            critic_warmup_rollouts: The first N rollouts train the critic only (the policy's forwards
+                run without gradient), so its values fit the returns before they steer the policy
+                (OpenRLHF's ``freezing_actor_steps``).
             num_iterations: PPO epochs: optimisation passes over each rollout.
             mini_batches: Optimiser steps per pass; each takes ``num_generations / mini_batches``
                 samples of every prompt.
@@ -160,7 +160,8 @@ class PPO(OnlineSteps, VLMObjective):
         critic_only = (
             warmup > 0 and self._trainer is not None and rollout_callback(self.trainer).rollouts < warmup
         )
-        r.extra.update(values=values, returns=returns, critic_only=critic_only)
+        r.policy_frozen = critic_only
+        r.extra.update(values=values, returns=returns)
         metrics = {f"objective/{k}": v for k, v in kl_metrics.items()}
         metrics["objective/rlhf_reward"] = metrics["objective/scores"] + metrics["objective/non_score_reward"]
         metrics["value/explained_variance"] = explained_variance(values, returns, mask)
@@ -193,8 +194,6 @@ class PPO(OnlineSteps, VLMObjective):
     def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout, samples):
         rows = rollout.rows_of(samples)
         h = self.hparams
-        if rollout.extra.get("critic_only"):
-            logps = logps.detach()  # critic warm-up: no gradient reaches the policy
         return ppo_losses(
             logps,
             old_logps,
