@@ -11,11 +11,9 @@ and whether old-policy or reference log-probs are needed (neither is computed wh
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from lightning_vlm.rewards import RewardFn, accuracy, combine
+from lightning_vlm.samples import write_samples
 from lightning_vlm.vision import has_images
 
 
@@ -203,7 +202,7 @@ class RolloutCallback(L.Callback):
             and self.rollouts % self.table_every_n_steps == 0
             and trainer.is_global_zero
         ):
-            self._table(trainer, rollouts[0], batch)
+            write_samples(trainer, rollouts[0], batch, self.table_rows)
         self.rollouts += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -326,75 +325,8 @@ class RolloutCallback(L.Callback):
         for key, value in values.items():
             pl_module.log(key, value, on_step=True, batch_size=batch_size, prog_bar=key == "rollout/reward")
 
-    def _table(self, trainer, rollout: Rollout, batch: dict) -> None:
-        n = min(self.table_rows, len(rollout.texts))
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        step = trainer.global_step
-        records, images = [], []
-        for s in range(n):
-            i = s // rollout.group_size
-            paths = []
-            for j, image in enumerate(batch["images"][i]):
-                path = folder / f"step{step}_prompt{i}_{j}.png"
-                if not path.exists():
-                    image.save(path)
-                paths.append(str(path))
-            record = {
-                "step": step,
-                "sample": s,
-                "prompt": _prompt_text(batch["prompts"][i]),
-                "completion": rollout.texts[s],
-                "reward": float(rollout.rewards[s]),
-                "advantage": _advantage(rollout, s),
-                **{k: _finite(v[s]) for k, v in rollout.rewards_per_function.items()},
-                "images": paths,
-            }
-            records.append(record)
-            images.append(batch["images"][i])
-        with (folder.parent / "samples.jsonl").open("a") as f:
-            f.writelines(json.dumps(rec) + "\n" for rec in records)
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                columns = [k for k in records[0] if k != "images"] + ["image"]
-                data = [
-                    [rec[k] for k in columns[:-1]] + [wandb.Image(ims[0]) if ims else None]
-                    for rec, ims in zip(records, images, strict=True)
-                ]
-                # No explicit step: W&B steps must increase, and Lightning logs by batches, not optimiser steps.
-                logger.log_table(key="rollout/samples", columns=columns, data=data)
-
 
 def _spread(rollout: Rollout) -> torch.Tensor:
     """(B,) bool: the group's rewards are not all equal."""
     r = rollout.rewards.view(-1, rollout.group_size)
     return (r.max(1).values - r.min(1).values) > 1e-6
-
-
-def _advantage(rollout: Rollout, s: int) -> float | None:
-    """Sample s's advantage; for per-token advantages (PPO) their mean over the completion."""
-    a = rollout.advantages
-    if a is None:
-        return None
-    if a.dim() == 1:
-        return float(a[s])
-    m = rollout.completion_mask[s].float()
-    return float((a[s] * m).sum() / m.sum().clamp(min=1.0))
-
-
-def _finite(value: torch.Tensor) -> float | None:
-    v = float(value)
-    return None if math.isnan(v) else v
-
-
-def _prompt_text(messages: Any) -> str:
-    if isinstance(messages, str):
-        return messages
-    content = messages[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return " ".join(p.get("text", "") for p in content if p.get("type") == "text")
