@@ -14,6 +14,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -197,12 +198,10 @@ class RolloutCallback(L.Callback):
             r.advantages = online.advantages(r)  # PPO's use the log-probs above
         batch["rollouts"] = rollouts
         self._log(pl_module, rollouts, len(batch["rows"]))
-        if (
-            self.table_every_n_steps
-            and self.rollouts % self.table_every_n_steps == 0
-            and trainer.is_global_zero
-        ):
-            write_samples(trainer, rollouts[0], batch, self.table_rows)
+        if self.table_every_n_steps and self.rollouts % self.table_every_n_steps == 0:
+            folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank calls it
+            if trainer.is_global_zero:
+                write_samples(trainer, folder, rollouts[0], batch, self.table_rows)
         self.rollouts += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,11 +13,12 @@ if TYPE_CHECKING:
     from lightning_vlm.rollout import Rollout
 
 
-def write_samples(trainer, rollout: Rollout, batch: dict, rows: int) -> None:
-    """Append ``rows`` of the rollout's samples to ``samples.jsonl`` in the run folder (images saved under
-    ``samples/``) and, with the WandbLogger, log them as the W&B table ``rollout/samples``."""
+def write_samples(trainer, run_folder: Path, rollout: Rollout, batch: dict, rows: int) -> None:
+    """Append ``rows`` of the rollout's samples to ``samples.jsonl`` in ``run_folder`` (images saved under
+    ``samples/``) and, with the WandbLogger, log them as the W&B table ``rollout/samples``. Rank 0 only:
+    the caller resolves ``trainer.log_dir``, a collective, on every rank."""
     n = min(rows, len(rollout.texts))
-    folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+    folder = run_folder / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     step = trainer.global_step
     records, images = [], []

@@ -113,6 +113,19 @@ class PPO(OnlineSteps, VLMObjective):
         super().configure_model()
         self.critic.load()
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)  # DDPStrategy's
+        if (
+            self.hparams.critic_warmup_rollouts
+            and kwargs is not None
+            and not kwargs.get("find_unused_parameters")
+        ):
+            raise ValueError(
+                "model.critic_warmup_rollouts leaves the policy without gradients, which DDP refuses unless "
+                "trainer.strategy.init_args.find_unused_parameters is true"
+            )
+
     def param_groups(self) -> list[dict[str, Any]]:
         lr = self.hparams.critic_lr
         groups = super().param_groups()
