@@ -49,6 +49,22 @@ def _vision_token_ids(model: nn.Module) -> list[int]:
     return sorted(int(i) for i in ids if isinstance(i, int))
 
 
+class SeededSampling:
+    """Sampling as ``argmax(scores + Gumbel noise)`` (the Gumbel-max trick: an exact draw from
+    ``softmax(scores)``), with each row's noise from its own generator. A row's sample then depends on its
+    seed and its own logits only, not on the other rows of the batch or on the rank that draws it.
+    A ``LogitsProcessor`` for ``generate(do_sample=False)``, after the temperature and top-k/top-p warpers.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        V = scores.shape[-1]
+        u = torch.stack([torch.rand(V, generator=g, device=scores.device) for g in self.generators])
+        return scores.float() - torch.log(-torch.log(u))  # u = 0 gives -inf: never drawn
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -64,6 +80,7 @@ def generate(
     num_return_sequences: int = 1,
     features: dict[str, Any] | None = None,
     min_new_tokens: int = 0,
+    row_seeds: list[int] | None = None,
 ) -> torch.Tensor:
     """Generate from left-padded prompts; returns (B * num_return_sequences, N) completion ids.
 
@@ -75,9 +92,33 @@ def generate(
     penalty, default temperature, ...) is replaced, so evaluation is plain greedy and sampling is
     exactly what the caller asked for, except that image placeholder tokens are never generated. Generation stops at the tokenizer's EOS; finished rows are
     padded with the pad token.
-    """
-    from transformers import GenerationConfig
 
+    ``row_seeds`` (with ``do_sample``): one seed per output row; each row samples from its own
+    generator (:class:`SeededSampling`), so its draw does not depend on the batch it is in.
+    """
+    from transformers import (
+        GenerationConfig,
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if do_sample and row_seeds is not None:
+        if len(row_seeds) != input_ids.shape[0] * num_return_sequences:
+            raise ValueError(
+                f"row_seeds: {len(row_seeds)} seeds for {input_ids.shape[0] * num_return_sequences} rows"
+            )
+        # The warpers generate() would add for sampling, in its order, then the per-row draw.
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(SeededSampling(row_seeds, input_ids.device))
+        do_sample = False
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
@@ -96,16 +137,18 @@ def generate(
     G = num_return_sequences
     try:
         if G == 1 and features is None:
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **vision)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors, **vision
+            )
         else:
-            out = _generate_from_prefill(model, input_ids, attention_mask, vision, G, features)
+            out = _generate_from_prefill(model, input_ids, attention_mask, vision, G, features, processors)
     finally:
         base.generation_config = saved
         model.train(was_training)
     return out[:, input_ids.shape[1] :]
 
 
-def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features) -> torch.Tensor:
+def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features, processors) -> torch.Tensor:
     shape = tuple(input_ids.shape)
     if has_images(vision) and features is not None:
         vision = shared_vision(vision, shape, 1, features)
@@ -132,5 +175,6 @@ def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features
         input_ids=input_ids.repeat_interleave(G, dim=0),
         attention_mask=attention_mask.repeat_interleave(G, dim=0),
         past_key_values=cache,
+        logits_processor=processors,
         **per_sequence,
     )

@@ -115,6 +115,7 @@ class RolloutCallback(L.Callback):
         top_k: int = 0,
         rewards: list[Callable] | None = None,
         reward_weights: list[float] | None = None,
+        per_prompt_seeds: bool = False,
         dynamic_sampling: bool = False,
         max_refills: int = 4,
         table_every_n_steps: int = 50,
@@ -133,6 +134,10 @@ class RolloutCallback(L.Callback):
                 import path (``lightning_vlm.rewards.accuracy``) or as a callable class with
                 ``class_path``/``init_args`` (``lightning_vlm.rewards.OverlongPenalty``). Default: accuracy.
             reward_weights: One weight per reward function (default 1.0 each).
+            per_prompt_seeds: Seed each sample from (seed, rollout, dataset row, sample index) instead of
+                one generator per rank: a prompt's samples then do not depend on which rank or batch
+                draws it, so runs on different device counts sample the same completions (one RNG
+                call per sample and token; used by the DDP equivalence tests).
             dynamic_sampling: DAPO's dynamic sampling: groups whose rewards are all equal (no learning
                 signal) are dropped and more prompts are sampled until the batch holds as many
                 informative groups as prompts (or ``max_refills`` extra batches were drawn).
@@ -162,6 +167,7 @@ class RolloutCallback(L.Callback):
             raise ValueError(
                 f"rollout: {len(self.rewards)} reward functions but {len(reward_weights)} reward_weights"
             )
+        self.per_prompt_seeds = per_prompt_seeds
         self.dynamic_sampling = dynamic_sampling
         self.max_refills = max_refills
         self.table_every_n_steps = table_every_n_steps
@@ -213,8 +219,7 @@ class RolloutCallback(L.Callback):
     def _seed(self, rank: int, draw: int) -> int:
         """The seed of one generation: a function of (seed, rollout, rank, draw), so a resumed run
         samples exactly what the uninterrupted one would have, whatever else used the global RNG."""
-        key = f"{self.seed}-{self.rollouts}-{rank}-{draw}".encode()
-        return int(hashlib.sha256(key).hexdigest()[:15], 16)
+        return _hash(f"{self.seed}-{self.rollouts}-{rank}-{draw}")
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -227,10 +232,20 @@ class RolloutCallback(L.Callback):
         if has_images(vision):  # once per step; reused by every forward when the image side is frozen
             features = bb.encode_images(vision)
         devices = [ids.device] if ids.device.type == "cuda" else []
+        row_seeds = None
+        if self.per_prompt_seeds:
+            key = f"{self.seed}-{self.rollouts}-{draw}" if seed is None else f"held-out-{seed}"
+            row_seeds = [_hash(f"{key}-{row}-{k}") for row in batch["rows"] for k in range(self.G)]
         with torch.random.fork_rng(devices=devices, device_type=ids.device.type):
             torch.manual_seed(self._seed(pl_module.global_rank, draw) if seed is None else seed)
             completions = bb.generate(
-                ids, mask, vision, num_return_sequences=self.G, features=features, **self.sampling
+                ids,
+                mask,
+                vision,
+                num_return_sequences=self.G,
+                features=features,
+                row_seeds=row_seeds,
+                **self.sampling,
             )
         cmask, truncated = completion_mask(completions, bb.tokenizer.eos_token_id)
         texts = bb.decode(completions)
@@ -323,6 +338,10 @@ class RolloutCallback(L.Callback):
             values[f"rollout/rewards/{name}_std"] = ok.std() if ok.numel() > 1 else vals.new_zeros(())
         for key, value in values.items():
             pl_module.log(key, value, on_step=True, batch_size=batch_size, prog_bar=key == "rollout/reward")
+
+
+def _hash(key: str) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
 def _spread(rollout: Rollout) -> torch.Tensor:

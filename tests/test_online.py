@@ -672,3 +672,31 @@ def test_samples_table_goes_to_wandb_every_rollout(tmp_path, synthetic_dir):
     tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/rollout/samples_*.table.json"))
     assert len(tables) == 3  # one per rollout
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 3 * 2 * G
+
+
+# ---------------------------------------------------------------- per-prompt seeds
+def test_seeded_sampling_draws_from_the_softmax():
+    """Gumbel-max with per-row generators is an exact draw from softmax(scores): 20,000 rows, one
+    seed each, against the probabilities (3 standard errors)."""
+    from lightning_vlm.generation import SeededSampling
+
+    scores = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    n = 20_000
+    draws = SeededSampling(list(range(n)), torch.device("cpu"))(None, scores.expand(n, -1)).argmax(-1)
+    freq = torch.bincount(draws, minlength=5).double() / n
+    p = scores.double().softmax(-1)
+    assert freq[4] == 0  # a filtered token is never drawn
+    assert ((freq - p).abs() <= 3 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq, p)
+
+
+def test_per_prompt_seeds_make_a_prompts_samples_independent_of_its_batch(synthetic_dir):
+    module = _module(GRPO)
+    _sharpen(module.backbone.model, 2.0)  # less uniform logits: distinct samples per prompt
+    dm = _dm(module.backbone.processor, synthetic_dir)
+    callback = _callback(per_prompt_seeds=True, temperature=0.7, top_k=50)
+    both = callback.rollout(module, _batch(dm, n=2))  # rows 0 and 1
+    alone = callback.rollout(module, _batch(dm, n=1, start=1))  # row 1 in a batch of its own
+    assert torch.equal(alone.completion_ids, both.completion_ids[G:])  # row 1's G samples, unchanged
+    assert not torch.equal(both.completion_ids[:G], both.completion_ids[G:])
+    callback.rollouts += 1  # the next rollout draws anew
+    assert not torch.equal(callback.rollout(module, _batch(dm, n=1, start=1)).completion_ids, alone.completion_ids)
