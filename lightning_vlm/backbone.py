@@ -354,6 +354,14 @@ class VLMBackbone(nn.Module):
         else:
             raise RuntimeError("backbone was built without need_reference=True")
 
+    def shard(self, mesh) -> None:
+        """FSDP2 over ``mesh`` (:mod:`lightning_vlm.parallel`): the policy and the frozen reference copy."""
+        from lightning_vlm.parallel import shard_model
+
+        shard_model(self.model, mesh)
+        if self._reference is not None:
+            shard_model(self._reference, mesh)
+
     def release_reference(self) -> None:
         """Free the frozen reference copy (once its log-probs are cached). Nothing to free under LoRA."""
         object.__setattr__(self, "_reference", None)

@@ -35,18 +35,32 @@ class ExportHF(L.Callback):
         self.dtype = dtype
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.interrupted or not trainer.is_global_zero:
+        if trainer.interrupted:
             return
         backbone = pl_module.backbone
         model = backbone.model
+        state = _gather_if_sharded(pl_module)  # FSDP2: a collective, so every rank takes part
+        if not trainer.is_global_zero:
+            return
         tmp = self.dirpath.with_name(f".{self.dirpath.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        device = next(model.parameters()).device
-        model.to("cpu")  # copy on the host, not on a full accelerator
-        try:
-            export = copy.deepcopy(model)
-        finally:
-            model.to(device)
+        if state is not None:  # an unsharded copy, loaded as the backbone loads, with the trained weights
+            from lightning_vlm.backbone import VLMBackbone
+
+            fresh = VLMBackbone(backbone.config)
+            fresh.load()
+            prefix = "backbone.model."
+            fresh.model.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )
+            export = fresh.model
+        else:
+            device = next(model.parameters()).device
+            model.to("cpu")  # copy on the host, not on a full accelerator
+            try:
+                export = copy.deepcopy(model)
+            finally:
+                model.to(device)
         if hasattr(export, "merge_and_unload") and self.merge_lora:
             export = export.merge_and_unload()
         if self.dtype:
@@ -54,8 +68,19 @@ class ExportHF(L.Callback):
         export.save_pretrained(tmp)
         save_processor(backbone.processor, tmp)
         if hasattr(pl_module, "save_extra"):  # e.g. the reward model's head
-            pl_module.save_extra(tmp)
+            pl_module.save_extra(tmp, state)
         if self.dirpath.exists():
             shutil.rmtree(self.dirpath)
         os.rename(tmp, self.dirpath)
         print(f"exported the trained model to {self.dirpath}")
+
+
+def _gather_if_sharded(module: L.LightningModule) -> dict[str, torch.Tensor] | None:
+    """The module's full state dict on the CPU when FSDP2 shards it (every rank must call this), else None."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in module.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

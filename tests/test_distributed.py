@@ -24,9 +24,10 @@ TOLERANCE = 2e-5  # max |w_ddp - w_single| after 3 AdamW steps at lr 3e-4 (float
 RECIPES = {"sft": "tiny_qwen2vl_sft.yaml", "pref": "tiny_qwen2vl_dpo.yaml", "prompt": "tiny_qwen2vl_gspo.yaml"}
 
 
-def _fit(tmp: Path, recipe: str, data: str, ddp: bool, batch_size: int, extra: dict | None = None) -> Path:
-    """Run `lightning-vlm fit` on a recipe with the tiny in-process model; returns its HF export."""
-    out = tmp / ("ddp" if ddp else "single")
+def _fit(tmp: Path, recipe: str, data: str, config: str, batch_size: int, extra: dict | None = None) -> Path:
+    """Run `lightning-vlm fit` on a recipe, stacked with ``configs/<config>.yaml``, with the tiny
+    in-process model; returns its HF export."""
+    out = tmp / config
     override = {
         "report_held_out": False,
         "trainer": {"max_steps": 3, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
@@ -47,8 +48,7 @@ def _fit(tmp: Path, recipe: str, data: str, ddp: bool, batch_size: int, extra: d
     override["model"]["init_args"].update(model)
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(override))
-    config = "configs/ddp_cpu.yaml" if ddp else "configs/cpu.yaml"
-    cmd = [str(CLI), "fit", "--config", str(ROOT / "zoo" / RECIPES[recipe]), "--config", str(ROOT / config),
+    cmd = [str(CLI), "fit", "--config", str(ROOT / "zoo" / RECIPES[recipe]), "--config", str(ROOT / "configs" / f"{config}.yaml"),
            "--config", str(path)]  # fmt: skip
     (tmp / "varied_reward.py").write_text(VARIED_REWARD)  # importable by both ranks: cwd on PYTHONPATH
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp), os.environ.get("PYTHONPATH", "")])}
@@ -78,25 +78,45 @@ GRPO = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("recipe", ["sft", "pref", "prompt"], ids=["sft", "dpo", "grpo"])
-def test_ddp_on_two_processes_reaches_the_single_process_weights(recipe, tmp_path, synthetic_dir):
-    """2 ranks x 2 rows against 1 process x 4 rows: the same rows per step (the sampler interleaves
-    the same seeded order), so the same update. SFT normalises by the token count of all ranks. GRPO
-    (2 rollouts of 2 optimiser steps, k3 KL, token-level normalisation over both ranks) samples with
-    per-prompt seeds, so both runs draw the same completions."""
+def _extra(recipe: str) -> dict:
     extra = {"model": {"lr": 3e-4, "warmup_steps": 0}}
     if recipe == "prompt":
         extra = {"model": {**extra["model"], **GRPO["model"]}, "trainer": GRPO["trainer"]}
-    ddp = _weights(_fit(tmp_path, recipe, synthetic_dir, ddp=True, batch_size=2, extra=extra))
-    single = _weights(_fit(tmp_path, recipe, synthetic_dir, ddp=False, batch_size=4, extra=extra))
+    return extra
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, synthetic_dir):
+    """Each recipe's weights from one process with the global batch (4 rows), computed once."""
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def weights(recipe: str) -> dict[str, torch.Tensor]:
+        if recipe not in cache:
+            tmp = tmp_path_factory.mktemp(f"single-{recipe}")
+            cache[recipe] = _weights(_fit(tmp, recipe, synthetic_dir, "cpu", 4, _extra(recipe)))
+        return cache[recipe]
+
+    return weights
+
+
+@pytest.mark.parametrize("config", ["ddp_cpu", "fsdp_cpu"], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize("recipe", ["sft", "pref", "prompt"], ids=["sft", "dpo", "grpo"])
+def test_two_processes_reach_the_single_process_weights(recipe, config, single, tmp_path, synthetic_dir):
+    """2 ranks x 2 rows against 1 process x 4 rows: the same rows per step (the sampler interleaves
+    the same seeded order), so the same update, whether each rank holds the whole model (DDP) or a
+    shard (FSDP2). SFT normalises by the token count of all ranks. GRPO (2 rollouts of 2 optimiser
+    steps, k3 KL, token-level normalisation over both ranks) samples with per-prompt seeds, so both
+    runs draw the same completions."""
+    distributed = _weights(_fit(tmp_path, recipe, synthetic_dir, config, 2, _extra(recipe)))
+    reference = single(recipe)
     from lightning_vlm.tiny import TinyVLM, ensure_tiny_vlm
 
     start = _weights(ensure_tiny_vlm(TinyVLM(family="qwen2_vl")))
-    assert ddp.keys() == single.keys()
-    moved = max(float((single[k] - start[k]).abs().max()) for k in single)
-    diff = max(float((ddp[k] - single[k]).abs().max()) for k in ddp)
+    assert distributed.keys() == reference.keys()
+    moved = max(float((reference[k] - start[k]).abs().max()) for k in reference)
+    diff = max(float((distributed[k] - reference[k]).abs().max()) for k in distributed)
     assert moved > 20 * TOLERANCE, moved  # the steps changed the weights, so agreeing is not trivial
-    print(f"{recipe}: moved {moved:.2e}, ddp vs single {diff:.2e}")
+    print(f"{recipe} {config}: moved {moved:.2e}, against one process {diff:.2e}")
     assert diff < TOLERANCE, f"max weight difference {diff:.2e}"
 
 
@@ -130,3 +150,39 @@ def test_online_objectives_run_under_ddp_and_write_sample_tables(tmp_path, synth
         assert done.returncode == 0, done.stderr[-3000:]
         rows = (out / "samples.jsonl").read_text().splitlines()
         assert len(rows) == 2 * 4  # rank 0's table (2 prompts x 2 samples) for each of the 2 rollouts
+
+
+def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, synthetic_dir):
+    """A distributed (sharded) checkpoint at step 2, resumed to step 4, ends where 4 steps in a row end."""
+
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+        override = {
+            "report_held_out": False,
+            "trainer": {"max_steps": 4, "limit_val_batches": 0, "logger": False, "enable_progress_bar": False,
+                        "default_root_dir": str(tmp_path / name),
+                        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                       "init_args": {"dirpath": str(tmp_path / name / "ckpt"),
+                                                     "every_n_train_steps": 2, "save_top_k": -1}},
+                                      {"class_path": "lightning_vlm.callbacks.ExportHF",
+                                       "init_args": {"dirpath": str(tmp_path / name / "hf")}}]},
+            "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}},
+                                    "lr": 3e-4, "warmup_steps": 0}},
+            "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "sft_train.jsonl"), "val": None,
+                                   "batch_size": 2, "num_workers": 0}},
+        }  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(override))
+        cmd = [str(CLI), "fit", "--config", str(ROOT / "zoo" / RECIPES["sft"]), "--config",
+               str(ROOT / "configs" / "fsdp_cpu.yaml"), "--config", str(path), *extra]  # fmt: skip
+        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run("straight")
+    step2 = tmp_path / "straight" / "ckpt" / "epoch=0-step=2.ckpt"
+    assert (step2 / "meta.pt").is_file() and len(list(step2.glob("*.distcp"))) == 2  # one shard per rank
+    resumed = run("resumed", "--ckpt_path", str(step2))
+    assert "Restored all states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert not (tmp_path / "resumed" / "ckpt" / "epoch=0-step=2.ckpt").exists()  # it started at step 2
+    a, b = _weights(tmp_path / "straight" / "hf"), _weights(tmp_path / "resumed" / "hf")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0

@@ -65,6 +65,19 @@ class VLMObjective(L.LightningModule):
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
+        self.load_models()
+        mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy (FSDP2)
+        if mesh is not None:
+            from lightning_vlm.parallel import data_parallel_mesh, shard_rest
+
+            dp = data_parallel_mesh(mesh)
+            for module in list(self.modules()):
+                if isinstance(module, VLMBackbone):
+                    module.shard(dp)
+            shard_rest(self, dp)
+
+    def load_models(self) -> None:
+        """Load the weights (idempotent). An objective with more models (PPO's critic) loads them here."""
         self.backbone.load()
 
     def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -152,7 +165,8 @@ class VLMObjective(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        missing = set(self.trainable_named_parameters()) - set(checkpoint["state_dict"])
+        # A distributed (FSDP2) checkpoint is loaded in place by the strategy and holds no "state_dict".
+        missing = set(self.trainable_named_parameters()) - set(checkpoint.get("state_dict", self.state_dict()))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {sorted(missing)[:3]}")
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)

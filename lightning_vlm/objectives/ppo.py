@@ -109,8 +109,8 @@ class PPO(OnlineSteps, VLMObjective):
         check_compatible(self.backbone, self.critic.backbone)
         self.online = OnlineRL(self, token_norm=True)
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def load_models(self) -> None:
+        super().load_models()
         self.critic.load()
 
     def on_fit_start(self) -> None:

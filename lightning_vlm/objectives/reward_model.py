@@ -46,8 +46,8 @@ class RewardModel(VLMObjective):
         nn.init.normal_(self.head.weight, std=1 / (hidden + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
 
-    def configure_model(self) -> None:
-        super().configure_model()
+    def load_models(self) -> None:
+        super().load_models()
         freeze_lm_head(self.backbone.model)
 
     def scores(self, input_ids, attention_mask, vision, copies: int = 1) -> torch.Tensor:
@@ -75,14 +75,18 @@ class RewardModel(VLMObjective):
         ]
 
     # ------------------------------------------------------------------ export / load
-    def save_extra(self, folder: str | Path) -> None:
-        """Write the head beside an exported backbone (called by ``ExportHF``)."""
+    def save_extra(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the head beside an exported backbone (called by ``ExportHF``; ``state``: the module's
+        full state dict when it was gathered from FSDP2 shards)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE
+        head = (
+            {k: state[f"head.{k}"] for k in ("weight", "bias")}
+            if state is not None
+            else self.head.state_dict()
         )
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, folder / HEAD_FILE)
         (folder / HEAD_CONFIG).write_text(json.dumps({"hidden_size": self.head.in_features}))
 
     @classmethod

@@ -1,0 +1,58 @@
+"""FSDP2: shard an objective's models over the data-parallel mesh, in ``configure_model``.
+
+Lightning's ``ModelParallelStrategy`` builds the device mesh and calls ``configure_model``; the
+objective then applies ``fully_shard`` itself (configs/fsdp.yaml). The units are the model's own
+``_no_split_modules`` (decoder layers, vision blocks). Our forwards call the inner model and the LM
+head directly rather than the ``...ForConditionalGeneration`` wrapper, so those two are the roots:
+FSDP2 all-gathers a root's parameters in its own forward, and a root keeps them gathered until the
+backward, so a head tied to the input embeddings reads the gathered weight. Anything trainable left
+outside (a reward or value head) becomes a unit of its own, so every gradient is reduced across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def data_parallel_mesh(mesh: Any):
+    """The mesh FSDP2 shards over: the data-parallel dimension, with no tensor parallelism."""
+    if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names:
+        if mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "FSDP2 here shards over data parallelism only: set trainer.strategy.init_args."
+                "data_parallel_size to the number of processes and tensor_parallel_size to 1 (configs/fsdp.yaml)"
+            )
+        return mesh["data_parallel"]
+    return mesh
+
+
+def shard_model(model: nn.Module, mesh: Any) -> None:
+    """``fully_shard`` a transformers VLM (or its peft wrapper): units, then the inner model and the head."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(base.model, FSDPModule):
+        return  # configure_model may run twice
+    units = set(getattr(base, "_no_split_modules", None) or [])
+    for module in list(base.modules()):
+        if type(module).__name__ in units:
+            fully_shard(module, mesh=mesh)
+    fully_shard(base.model, mesh=mesh)
+    if hasattr(base.model, "get_image_features"):  # vision once calls it directly, not through forward
+        register_fsdp_forward_method(base.model, "get_image_features")
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        fully_shard(head, mesh=mesh)
+
+
+def shard_rest(module: nn.Module, mesh: Any) -> None:
+    """Make every module that still holds unsharded parameters of its own a unit (heads)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    for sub in list(module.modules()):
+        own = list(sub.parameters(recurse=False))
+        if own and not any(isinstance(p, DTensor) for p in own):
+            fully_shard(sub, mesh=mesh)
