@@ -11,6 +11,7 @@ outside (a reward or value head) becomes a unit of its own, so every gradient is
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -42,6 +43,10 @@ def shard_model(model: nn.Module, mesh: Any) -> None:
     fully_shard(base.model, mesh=mesh)
     if hasattr(base.model, "get_image_features"):  # vision once calls it directly, not through forward
         register_fsdp_forward_method(base.model, "get_image_features")
+        # generate() reads the method's signature to pick its inputs; the wrapper's own (a bound method
+        # wrapping a bound method) loses the first one, pixel_values. Give it the class's signature.
+        wrapper = base.model.get_image_features.__func__
+        wrapper.__signature__ = inspect.signature(type(base.model).get_image_features)
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
     if head is not None and head.weight is not embeddings.weight:
         fully_shard(head, mesh=mesh)

@@ -40,8 +40,7 @@ def encode_images(model: nn.Module, params: list[nn.Parameter], vision: dict[str
     """
     owner = model.model if hasattr(model.model, "get_image_features") else model
     fn = owner.get_image_features
-    # The class's own signature: under FSDP2 the instance's method is a (*args, **kwargs) wrapper.
-    accepted = inspect.signature(type(owner).get_image_features).parameters
+    accepted = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in vision.items() if k in accepted}
     trainable = any(p.requires_grad for p in params)
     with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):

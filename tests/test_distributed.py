@@ -21,7 +21,8 @@ CLI = Path(sys.executable).parent / "lightning-vlm"
 TOLERANCE = 2e-5  # max |w_ddp - w_single| after 3 AdamW steps at lr 3e-4 (float reduction order only)
 
 
-RECIPES = {"sft": "tiny_qwen2vl_sft.yaml", "pref": "tiny_qwen2vl_dpo.yaml", "prompt": "tiny_qwen2vl_gspo.yaml"}
+RECIPES = {"sft": "tiny_qwen2vl_sft.yaml", "sft-lora": "tiny_qwen2vl_sft.yaml", "pref": "tiny_qwen2vl_dpo.yaml",
+           "prompt": "tiny_qwen2vl_gspo.yaml"}  # fmt: skip
 
 
 def _fit(tmp: Path, recipe: str, data: str, config: str, batch_size: int, extra: dict | None = None) -> Path:
@@ -35,7 +36,7 @@ def _fit(tmp: Path, recipe: str, data: str, config: str, batch_size: int, extra:
                     "callbacks": [{"class_path": "lightning_vlm.callbacks.ExportHF",
                                    "init_args": {"dirpath": str(out / "hf")}}]},
         "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}}}},
-        "data": {"init_args": {"synthetic": None, "train": str(data / f"{recipe}_train.jsonl"), "val": None,
+        "data": {"init_args": {"synthetic": None, "train": str(data / f"{recipe.split('-')[0]}_train.jsonl"), "val": None,
                                "batch_size": batch_size, "num_workers": 0}},
     }  # fmt: skip
     extra = {k: dict(v) for k, v in (extra or {}).items()}
@@ -78,8 +79,13 @@ GRPO = {
 }  # fmt: skip
 
 
+LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "vision": "frozen", "gradient_checkpointing": True}
+
+
 def _extra(recipe: str) -> dict:
     extra = {"model": {"lr": 3e-4, "warmup_steps": 0}}
+    if recipe == "sft-lora":  # adapters under FSDP2, with activation checkpointing
+        extra["model"]["backbone"] = {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}, **LORA}
     if recipe == "prompt":
         extra = {"model": {**extra["model"], **GRPO["model"]}, "trainer": GRPO["trainer"]}
     return extra
@@ -99,8 +105,11 @@ def single(tmp_path_factory, synthetic_dir):
     return weights
 
 
-@pytest.mark.parametrize("config", ["ddp_cpu", "fsdp_cpu"], ids=["ddp", "fsdp2"])
-@pytest.mark.parametrize("recipe", ["sft", "pref", "prompt"], ids=["sft", "dpo", "grpo"])
+@pytest.mark.parametrize(
+    "recipe, config",
+    [(r, c) for r in ("sft", "pref", "prompt") for c in ("ddp_cpu", "fsdp_cpu")] + [("sft-lora", "fsdp_cpu")],
+    ids=lambda v: {"pref": "dpo", "prompt": "grpo", "ddp_cpu": "ddp", "fsdp_cpu": "fsdp2"}.get(v, v),
+)
 def test_two_processes_reach_the_single_process_weights(recipe, config, single, tmp_path, synthetic_dir):
     """2 ranks x 2 rows against 1 process x 4 rows: the same rows per step (the sampler interleaves
     the same seeded order), so the same update, whether each rank holds the whole model (DDP) or a
@@ -120,7 +129,8 @@ def test_two_processes_reach_the_single_process_weights(recipe, config, single, 
     assert diff < TOLERANCE, f"max weight difference {diff:.2e}"
 
 
-def test_online_objectives_run_under_ddp_and_write_sample_tables(tmp_path, synthetic_dir, rm_folder):
+@pytest.mark.parametrize("config", ["ddp_cpu", "fsdp_cpu"], ids=["ddp", "fsdp2"])
+def test_online_objectives_run_on_two_processes_and_write_sample_tables(config, tmp_path, synthetic_dir, rm_folder):
     """GSPO and PPO (with its critic) on 2 CPU processes from the CLI, a sample table every rollout."""
     rollout = {"class_path": "lightning_vlm.rollout.RolloutCallback",
                "init_args": {"num_generations": 2, "max_new_tokens": 4, "table_every_n_steps": 1}}  # fmt: skip
@@ -145,7 +155,7 @@ def test_online_objectives_run_under_ddp_and_write_sample_tables(tmp_path, synth
         path = tmp_path / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(override))
         cmd = [str(CLI), "fit", "--config", str(ROOT / "zoo" / recipe), "--config",
-               str(ROOT / "configs" / "ddp_cpu.yaml"), "--config", str(path)]  # fmt: skip
+               str(ROOT / "configs" / f"{config}.yaml"), "--config", str(path)]  # fmt: skip
         done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         rows = (out / "samples.jsonl").read_text().splitlines()
