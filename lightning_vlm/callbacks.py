@@ -50,9 +50,17 @@ class ExportHF(L.Callback):
             fresh = VLMBackbone(backbone.config)
             fresh.load()
             prefix = "backbone.model."
-            fresh.model.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            result = fresh.model.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=False
             )
+            # Under FSDP2 a tied LM head has no weight of its own: it is the input embeddings'.
+            embeddings = fresh.model.get_input_embeddings().weight
+            tied = {n for n, p in fresh.model.named_parameters(remove_duplicate=False) if p is embeddings}
+            if result.unexpected_keys or set(result.missing_keys) - tied:
+                raise RuntimeError(
+                    "ExportHF: the gathered weights do not match the model: missing "
+                    f"{sorted(set(result.missing_keys) - tied)[:3]}, unexpected {result.unexpected_keys[:3]}"
+                )
             export = fresh.model
         else:
             device = next(model.parameters()).device

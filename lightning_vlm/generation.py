@@ -135,20 +135,20 @@ def generate(
     was_training = model.training
     model.eval()
     G = num_return_sequences
+    # Under FSDP2 every decoding step all-gathers weights: all ranks must step until the last one ends.
+    settings = {"logits_processor": processors, "synced_gpus": _sharded(model)}
     try:
         if G == 1 and features is None:
-            out = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors, **vision
-            )
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings, **vision)
         else:
-            out = _generate_from_prefill(model, input_ids, attention_mask, vision, G, features, processors)
+            out = _generate_from_prefill(model, input_ids, attention_mask, vision, G, features, settings)
     finally:
         base.generation_config = saved
         model.train(was_training)
     return out[:, input_ids.shape[1] :]
 
 
-def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features, processors) -> torch.Tensor:
+def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features, settings) -> torch.Tensor:
     shape = tuple(input_ids.shape)
     if has_images(vision) and features is not None:
         vision = shared_vision(vision, shape, 1, features)
@@ -175,6 +175,12 @@ def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features
         input_ids=input_ids.repeat_interleave(G, dim=0),
         attention_mask=attention_mask.repeat_interleave(G, dim=0),
         past_key_values=cache,
-        logits_processor=processors,
+        **settings,
         **per_sequence,
     )
+
+
+def _sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

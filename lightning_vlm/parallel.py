@@ -5,7 +5,8 @@ objective then applies ``fully_shard`` itself (configs/fsdp.yaml). The units are
 ``_no_split_modules`` (decoder layers, vision blocks). Our forwards call the inner model and the LM
 head directly rather than the ``...ForConditionalGeneration`` wrapper, so those two are the roots:
 FSDP2 all-gathers a root's parameters in its own forward, and a root keeps them gathered until the
-backward, so a head tied to the input embeddings reads the gathered weight. Anything trainable left
+backward, so a head tied to the input embeddings reads the gathered embedding weight (its own copy
+is dropped). Anything trainable left
 outside (a reward or value head) becomes a unit of its own, so every gradient is reduced across ranks.
 """
 
@@ -36,6 +37,8 @@ def shard_model(model: nn.Module, mesh: Any) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if isinstance(base.model, FSDPModule):
         return  # configure_model may run twice
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
     units = set(getattr(base, "_no_split_modules", None) or [])
     for module in list(base.modules()):
         if type(module).__name__ in units:
@@ -47,8 +50,13 @@ def shard_model(model: nn.Module, mesh: Any) -> None:
         # wrapping a bound method) loses the first one, pixel_values. Give it the class's signature.
         wrapper = base.model.get_image_features.__func__
         wrapper.__signature__ = inspect.signature(type(base.model).get_image_features)
-    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
-    if head is not None and head.weight is not embeddings.weight:
+    if tied:
+        # fully_shard gave the embeddings a new, sharded parameter; the head still holds the old full
+        # one. Drop it and read the embeddings' weight, which the root keeps gathered from its forward
+        # until the backward, whenever the head runs (our log-probs and generate() alike).
+        del head.weight
+        head.forward = lambda x: nn.functional.linear(x, embeddings.weight, head.bias)
+    elif head is not None:
         fully_shard(head, mesh=mesh)
 
 

@@ -134,7 +134,7 @@ class RolloutCallback(L.Callback):
                 import path (``lightning_vlm.rewards.accuracy``) or as a callable class with
                 ``class_path``/``init_args`` (``lightning_vlm.rewards.OverlongPenalty``). Default: accuracy.
             reward_weights: One weight per reward function (default 1.0 each).
-            per_prompt_seeds: Seed each sample from (seed, rollout, dataset row, sample index) instead of
+            per_prompt_seeds: Seed each sample from (seed, rollout, refill draw, dataset row, sample index) instead of
                 one generator per rank: a prompt's samples then do not depend on which rank or batch
                 draws it, so runs on different device counts sample the same completions (one RNG
                 call per sample and token; used by the DDP equivalence tests).
@@ -289,7 +289,11 @@ class RolloutCallback(L.Callback):
         B = rollouts[0].num_prompts
         informative = sum(int(_spread(r).sum()) for r in rollouts)
         refills, loader = 0, None
-        while informative < B and refills < self.max_refills:
+        # Every rank draws as many refills as the neediest one: the training loop then runs the same
+        # number of forwards and collectives on every rank.
+        while refills < self.max_refills and trainer.strategy.reduce_boolean_decision(
+            informative < B, all=False
+        ):
             loader = loader or iter(self._refills(trainer))
             extra = trainer.strategy.batch_to_device(next(loader))
             rollouts.append(self.rollout(pl_module, extra, draw=refills + 1))

@@ -67,6 +67,8 @@ class TinyVLM:
         min_pixels: Smallest image area the image processor resizes to.
         max_pixels: Largest image area the image processor resizes to.
         seed: Seed of the random initialisation.
+        tie_word_embeddings: Share the LM head's weight with the input embeddings (as Qwen2-VL-2B
+            does); Qwen families only.
     """
 
     family: Family = "qwen2_vl"
@@ -80,9 +82,13 @@ class TinyVLM:
     min_pixels: int = 56 * 56
     max_pixels: int = 112 * 112
     seed: int = 0
+    tie_word_embeddings: bool = False
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        spec = asdict(self)
+        if not spec["tie_word_embeddings"]:  # added later: untied models keep their cache folders
+            del spec["tie_word_embeddings"]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _train_tokenizer(vocab_size: int, extra: tuple[str, ...] = ()):
@@ -176,6 +182,7 @@ def _config(spec: TinyVLM, tokenizer):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
 
 

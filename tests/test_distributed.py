@@ -22,7 +22,8 @@ TOLERANCE = 2e-5  # max |w_ddp - w_single| after 3 AdamW steps at lr 3e-4 (float
 
 
 RECIPES = {"sft": "tiny_qwen2vl_sft.yaml", "sft-lora": "tiny_qwen2vl_sft.yaml", "pref": "tiny_qwen2vl_dpo.yaml",
-           "prompt": "tiny_qwen2vl_gspo.yaml"}  # fmt: skip
+           "prompt": "tiny_qwen2vl_gspo.yaml", "prompt-tied": "tiny_qwen2vl_gspo.yaml"}  # fmt: skip
+TIED = {"family": "qwen2_vl", "tie_word_embeddings": True}  # an LM head shared with the embeddings
 
 
 def _fit(tmp: Path, recipe: str, data: str, config: str, batch_size: int, extra: dict | None = None) -> Path:
@@ -86,8 +87,10 @@ def _extra(recipe: str) -> dict:
     extra = {"model": {"lr": 3e-4, "warmup_steps": 0}}
     if recipe == "sft-lora":  # adapters under FSDP2, with activation checkpointing
         extra["model"]["backbone"] = {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}, **LORA}
-    if recipe == "prompt":
+    if recipe.startswith("prompt"):
         extra = {"model": {**extra["model"], **GRPO["model"]}, "trainer": GRPO["trainer"]}
+    if recipe == "prompt-tied":  # generation and log-probs through a tied head (Qwen2-VL-2B's layout)
+        extra["model"]["backbone"] = {"model_name_or_path": None, "tiny": TIED}
     return extra
 
 
@@ -107,7 +110,8 @@ def single(tmp_path_factory, synthetic_dir):
 
 @pytest.mark.parametrize(
     "recipe, config",
-    [(r, c) for r in ("sft", "pref", "prompt") for c in ("ddp_cpu", "fsdp_cpu")] + [("sft-lora", "fsdp_cpu")],
+    [(r, c) for r in ("sft", "pref", "prompt") for c in ("ddp_cpu", "fsdp_cpu")]
+    + [("sft-lora", "fsdp_cpu"), ("prompt-tied", "fsdp_cpu")],
     ids=lambda v: {"pref": "dpo", "prompt": "grpo", "ddp_cpu": "ddp", "fsdp_cpu": "fsdp2"}.get(v, v),
 )
 def test_two_processes_reach_the_single_process_weights(recipe, config, single, tmp_path, synthetic_dir):
@@ -120,7 +124,7 @@ def test_two_processes_reach_the_single_process_weights(recipe, config, single, 
     reference = single(recipe)
     from lightning_vlm.tiny import TinyVLM, ensure_tiny_vlm
 
-    start = _weights(ensure_tiny_vlm(TinyVLM(family="qwen2_vl")))
+    start = _weights(ensure_tiny_vlm(TinyVLM(**(TIED if recipe == "prompt-tied" else {"family": "qwen2_vl"}))))
     assert distributed.keys() == reference.keys()
     moved = max(float((reference[k] - start[k]).abs().max()) for k in reference)
     diff = max(float((distributed[k] - reference[k]).abs().max()) for k in distributed)

@@ -201,7 +201,8 @@ class OnlineRL:
     ):
         rows = r.rows_of(samples)
         keep = r.keep[rows]
-        if not keep.any():
+        world = self.module._trainer.world_size if self.module._trainer is not None else 1
+        if not keep.any() and world == 1:  # with several ranks, every rank runs every forward and backward
             return None, {}
         with torch.set_grad_enabled(not r.policy_frozen):  # frozen: no policy graph, no router loss
             logps, ent, aux = self.forward(r, samples, entropy=True)
@@ -218,7 +219,6 @@ class OnlineRL:
             if self.token_norm
             else torch.tensor(float(len(rows)), device=mask.device)
         )
-        world = self.module._trainer.world_size if self.module._trainer is not None else 1
         loss = loss * own * world / total
         tokens = mask.sum().clamp(min=1.0)
         metrics = {**metrics, "policy/entropy": (ent * mask).sum() / tokens}
