@@ -159,6 +159,8 @@ class VLMBackbone(nn.Module):
         self.tokenizer.padding_side = "left"  # one padding side for training and generation
         self.model: nn.Module | None = None
         self._reference: nn.Module | None = None  # hidden from state_dict and the optimizer
+        # FSDP2 on ranks > 0: build on the meta device; the weights come from rank 0 after sharding.
+        self.on_meta = False
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
@@ -172,7 +174,13 @@ class VLMBackbone(nn.Module):
         kwargs["dtype"] = "auto" if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(self.path, **kwargs)
+        if self.on_meta and not self.adapter:
+            # FSDP2 on ranks > 0: structure only; lightning_vlm.parallel fills it from rank 0's weights.
+            dtype = self.hf_config.dtype if cfg.dtype == "auto" else kwargs["dtype"]
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(self.hf_config, **{**kwargs, "dtype": dtype})
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(self.path, **kwargs)
         if self.adapter:  # start from base + adapters; this run's LoRA (if any) goes on top
             from peft import PeftModel
 
@@ -353,14 +361,6 @@ class VLMBackbone(nn.Module):
             raise RuntimeError("the reference copy was released after its log-probs were precomputed")
         else:
             raise RuntimeError("backbone was built without need_reference=True")
-
-    def shard(self, mesh) -> None:
-        """FSDP2 over ``mesh`` (:mod:`lightning_vlm.parallel`): the policy and the frozen reference copy."""
-        from lightning_vlm.parallel import shard_model
-
-        shard_model(self.model, mesh)
-        if self._reference is not None:
-            shard_model(self._reference, mesh)
 
     def release_reference(self) -> None:
         """Free the frozen reference copy (once its log-probs are cached). Nothing to free under LoRA."""

@@ -13,6 +13,7 @@ outside (a reward or value head) becomes a unit of its own, so every gradient is
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -69,3 +70,46 @@ def shard_rest(module: nn.Module, mesh: Any) -> None:
         own = list(sub.parameters(recurse=False))
         if own and not any(isinstance(p, DTensor) for p in own):
             fully_shard(sub, mesh=mesh)
+
+
+def load_sharded(backbones: list, load: Callable[[], None], mesh: Any) -> None:
+    """Load and shard every backbone so that only rank 0 ever holds a full copy of the weights.
+
+    Ranks > 0 build the models on the meta device; rank 0 loads the checkpoint. After ``fully_shard``,
+    rank 0's full weights are broadcast and each rank keeps its shard
+    (``set_model_state_dict(broadcast_from_rank0=True)``); buffers, which FSDP does not shard (rotary
+    frequencies, ...), are broadcast whole. Idempotent: ``configure_model`` may run twice.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if all(bb.model is not None for bb in backbones):
+        return
+    rank0 = dist.get_rank() == 0
+    for bb in backbones:
+        bb.on_meta = not rank0
+    load()
+    models = [m for bb in backbones for m in (bb.model, bb._reference) if m is not None]
+    full = [m.state_dict() if rank0 else {} for m in models]  # rank 0: references to the full tensors
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for model, state in zip(models, full, strict=True):
+        shard_model(model, mesh)
+        if rank0:  # a tied head gave up its own weight in shard_model
+            kept = set(model.state_dict())
+            state = {k: v for k, v in state.items() if k in kept}
+        set_model_state_dict(model, state, options=options)
+        _broadcast_buffers(model)
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    import torch
+    import torch.distributed as dist
+
+    device = dist.distributed_c10d._get_pg_default_device()
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            real = torch.empty(buf.shape, dtype=buf.dtype, device=device) if buf.is_meta else buf.to(device)
+            dist.broadcast(real, src=0)
+            module._buffers[name] = real.to(buf.device) if not buf.is_meta else real

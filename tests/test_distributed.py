@@ -200,3 +200,44 @@ def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, synthet
     assert not (tmp_path / "resumed" / "ckpt" / "epoch=0-step=2.ckpt").exists()  # it started at step 2
     a, b = _weights(tmp_path / "straight" / "hf"), _weights(tmp_path / "resumed" / "hf")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+PROBE = """
+import os
+import transformers
+
+_load = transformers.AutoModelForImageTextToText.from_pretrained.__func__
+
+
+def _spy(cls, *args, **kwargs):
+    print(f"PROBE from_pretrained on rank {os.environ.get('LOCAL_RANK', '0')}", flush=True)
+    return _load(cls, *args, **kwargs)
+
+
+transformers.AutoModelForImageTextToText.from_pretrained = classmethod(_spy)
+"""
+
+
+def test_fsdp2_reads_the_checkpoint_on_rank_0_only(tmp_path, synthetic_dir):
+    """Ranks > 0 build the model on the meta device and receive their shards from rank 0, so only one
+    process per job holds a full copy (the weights' equality is the tests above)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(PROBE)  # imported at start-up by both ranks
+    override = {
+        "report_held_out": False,
+        "trainer": {"max_steps": 1, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path), "callbacks": []},
+        "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}}}},
+        "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "sft_train.jsonl"), "val": None,
+                               "batch_size": 2, "num_workers": 0}},
+    }  # fmt: skip
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    cmd = [str(CLI), "fit", "--config", str(ROOT / "zoo" / RECIPES["sft"]), "--config",
+           str(ROOT / "configs" / "fsdp_cpu.yaml"), "--config", str(path)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(probe), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loads = [line for line in done.stdout.splitlines() if line.startswith("PROBE")]
+    assert loads == ["PROBE from_pretrained on rank 0"], loads

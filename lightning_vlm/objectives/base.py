@@ -65,16 +65,15 @@ class VLMObjective(L.LightningModule):
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        self.load_models()
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy (FSDP2)
-        if mesh is not None:
-            from lightning_vlm.parallel import data_parallel_mesh, shard_rest
+        if mesh is None:
+            self.load_models()
+            return
+        from lightning_vlm.parallel import data_parallel_mesh, load_sharded, shard_rest
 
-            dp = data_parallel_mesh(mesh)
-            for module in list(self.modules()):
-                if isinstance(module, VLMBackbone):
-                    module.shard(dp)
-            shard_rest(self, dp)
+        backbones = [m for m in self.modules() if isinstance(m, VLMBackbone)]
+        load_sharded(backbones, self.load_models, data_parallel_mesh(mesh))
+        shard_rest(self, data_parallel_mesh(mesh))
 
     def load_models(self) -> None:
         """Load the weights (idempotent). An objective with more models (PPO's critic) loads them here."""
