@@ -14,7 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from lightning_vlm.backbone import BackboneConfig, VLMBackbone, as_backbone_config
+from lightning_vlm.backbone import VLMBackbone
+from lightning_vlm.settings import BackboneConfig, as_backbone_config
 
 
 class VLMObjective(L.LightningModule):

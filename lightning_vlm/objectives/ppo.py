@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_vlm.backbone import BackboneConfig, as_backbone_config
 from lightning_vlm.losses import explained_variance, gae, kl_penalty_rewards, masked_whiten, ppo_losses
 from lightning_vlm.objectives.base import VLMObjective
 from lightning_vlm.objectives.online import OnlineRL, OnlineSteps, rollout_callback
 from lightning_vlm.objectives.reward_model import Critic, check_compatible
 from lightning_vlm.rollout import Rollout
+from lightning_vlm.settings import BackboneConfig, as_backbone_config
 from lightning_vlm.vision import has_images
 
 
