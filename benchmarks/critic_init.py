@@ -26,8 +26,8 @@ from lightning_vlm import BackboneConfig
 from lightning_vlm.data import PromptDataModule
 from lightning_vlm.data.prompt import PromptCollator
 from lightning_vlm.losses import explained_variance
-from lightning_vlm.objectives import PPO
-from lightning_vlm.rewards import RewardModelReward
+from lightning_vlm.objectives import PPO, RewardModelReward
+from lightning_vlm.objectives.online import OnlineSettings
 from lightning_vlm.rollout import RolloutCallback
 
 
@@ -44,10 +44,11 @@ def new_head_critic(sft: str, rm: str, out: Path) -> str:
 def median_ev(sft: str, critic: str, rm: str, prompts: str, rollouts: int) -> float:
     torch.manual_seed(0)
     module = PPO(BackboneConfig(model_name_or_path=sft), critic=BackboneConfig(model_name_or_path=critic),
-                 kl_coef=0.2, mini_batches=2)  # fmt: skip
+                 kl_coef=0.2, loop=OnlineSettings(num_iterations=4, mini_batches=2))  # the recipe's  # fmt: skip
     module.configure_model()
     callback = RolloutCallback(num_generations=2, max_new_tokens=6, table_every_n_steps=0,
                                rewards=[RewardModelReward(rm, batch_size=32)])  # fmt: skip
+    callback.setup(None, module, "fit")  # binds its engine to the policy, as at fit start
     dm = PromptDataModule(train=prompts, batch_size=16)
     dm.processor = module.backbone.processor
     dm.setup("fit")
@@ -55,13 +56,10 @@ def median_ev(sft: str, critic: str, rm: str, prompts: str, rollouts: int) -> fl
     evs = []
     for i in range(rollouts):
         callback.rollouts = i  # the recipe's seeding of rollout i
-        r = callback.rollout(
+        r = callback.sample(
             module, PromptCollator(dm.processor)([rows[j] for j in range(16 * i, 16 * i + 16)])
         )
-        r.old_logps = module.online.logps(r)
-        with module.backbone.reference() as ref:
-            r.ref_logps = module.online.logps(r, model=ref)
-        module.advantages(r)
+        module.on_rollout([r], "train")  # old and reference log-probs, then advantages, values and returns
         evs.append(float(explained_variance(r.extra["values"], r.extra["returns"], r.completion_mask)))
     return statistics.median(evs)
 

@@ -53,7 +53,7 @@ TASKS = ("colour", "shape", "count", "position")
 
 def build_model(out_dir: str | Path, image_size: int = 224, seed: int = 0) -> Path:
     """Save the benchmark's tiny Qwen2-VL to ``out_dir`` (images resized to exactly ``image_size``^2)."""
-    from lightning_vlm.tiny import TinyVLM, save_tiny_vlm
+    from lightning_vlm.model.tiny import TinyVLM, save_tiny_vlm
 
     pixels = image_size**2
     spec = TinyVLM(
@@ -216,7 +216,7 @@ def run_trl(
     from transformers import AutoConfig, AutoModelForImageTextToText, TrainerCallback
     from trl import GRPOTrainer
 
-    from lightning_vlm.processing import load_processor
+    from lightning_vlm.model.processing import load_processor
 
     torch.manual_seed(seed)
     config = AutoConfig.from_pretrained(model_dir)
@@ -386,9 +386,10 @@ def run_ours(
     import lightning as L
     import torch
 
-    from lightning_vlm.backbone import BackboneConfig
     from lightning_vlm.data.prompt import PromptDataModule
+    from lightning_vlm.model.backbone import BackboneConfig
     from lightning_vlm.objectives import GRPO, GSPO
+    from lightning_vlm.objectives.online import OnlineSettings
     from lightning_vlm.rollout import RolloutCallback
 
     stats = stats if stats is not None else {}
@@ -402,7 +403,7 @@ def run_ours(
             f.write(json.dumps({"images": [str(path)], "prompt": [user], "answer": row["answer"]}) + "\n")
     low, high = EPSILONS[importance_sampling_level]
     backbone = BackboneConfig(model_name_or_path=model_dir, vision=vision)
-    common = dict(lr=lr, eps_low=low, eps_high=high, beta=0.0, max_grad_norm=None)
+    common = dict(lr=lr, eps_low=low, eps_high=high, beta=0.0, loop=OnlineSettings(max_grad_norm=None))
     if importance_sampling_level == "sequence":
         module = GSPO(backbone, **common)
     else:
@@ -414,6 +415,16 @@ def run_ours(
     lengths: list[int] = []
 
     class Timer(L.Callback):
+        def setup(self, trainer, pl_module, stage):
+            hand_over = pl_module.on_rollout
+
+            def on_rollout(rollouts, stage):  # each step's completion lengths, as the objective gets them
+                if stage == "train":
+                    lengths.extend(rollouts[0].completion_mask.sum(1).tolist())
+                hand_over(rollouts, stage)
+
+            pl_module.on_rollout = on_rollout
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -424,7 +435,6 @@ def run_ours(
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
             stats.setdefault("cpu_times_s", []).append(time.process_time() - self.cpu0)
-            lengths.extend(batch["rollouts"][0].completion_mask.sum(1).tolist())
 
     rollout = RolloutCallback(
         num_generations=num_generations,

@@ -1,9 +1,8 @@
 """The ``lightning-vlm`` command: a thin LightningCLI.
 
-Model and data are chosen by import path (``class_path``), so a custom objective needs no
-registration. Typos anywhere in the config, nested backbone and tiny-model settings included,
-fail at parse time with the key named. The resolved config is saved with every run and sent to
-the logger (W&B keeps it with the run).
+Model and data are chosen by import path (``class_path``), so a custom objective needs no registration.
+Typos anywhere in the config, nested backbone and tiny-model settings included, fail at parse time with
+the key named. The resolved config is saved with every run and sent to the logger (W&B keeps it).
 """
 
 from __future__ import annotations
@@ -106,10 +105,8 @@ class VLMCLI(LightningCLI):
         return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
     def before_fit(self) -> None:
-        fit = self.config.fit
-        self._before = (
-            self._held_out(fit.ckpt_path) if fit.report_held_out else None
-        )  # resumed: from the checkpoint
+        fit = self.config.fit  # resumed: the held-out metrics of the checkpoint
+        self._before = self._held_out(fit.ckpt_path) if fit.report_held_out else None
 
     def after_fit(self) -> None:
         if self._before is None or self.trainer.interrupted:

@@ -93,9 +93,7 @@ class VLMDataModule(L.LightningDataModule):
         if syn is not None:
             from lightning_vlm.data.synthetic import write_synthetic
 
-            write_synthetic(
-                syn.out, n_train=syn.n_train, n_val=syn.n_val, image_size=syn.image_size, seed=syn.seed
-            )
+            write_synthetic(syn.out, syn.n_train, syn.n_val, syn.image_size, syn.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
@@ -111,9 +109,8 @@ class VLMDataModule(L.LightningDataModule):
                 self.datasets[split] = self.load_split(self.sources[split])
         if stage == "fit" and "train" not in self.datasets:
             raise ValueError("data.train is required for fit")
-        for split in wanted:
-            if split != "train" and stage in ("validate", "test", "predict") and split not in self.datasets:
-                raise ValueError(f"data.{split} is required for {stage}")
+        if stage in ("validate", "test", "predict") and wanted[0] not in self.datasets:  # its one split
+            raise ValueError(f"data.{wanted[0]} is required for {stage}")
 
     def load_split(self, source: str):
         h = self.hparams
@@ -162,9 +159,7 @@ class VLMDataModule(L.LightningDataModule):
         return self._loader("train", self._collator("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        if "val" not in self.datasets:
-            return []
-        return self._loader("val", self._collator("val"), shuffle=False)
+        return self._loader("val", self._collator("val"), shuffle=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self._collator("test"), shuffle=False)
@@ -207,10 +202,10 @@ class VLMDataModule(L.LightningDataModule):
 
 
 class ResumableSampler(DistributedSampler):
-    """A seeded permutation per epoch, split across ranks, that can skip the rows an interrupted
-    epoch already used, so a resumed run sees the same batches as an uninterrupted one.
-
-    Being a ``DistributedSampler``, Lightning uses it as is under DDP/FSDP instead of wrapping it.
+    """A seeded permutation per epoch, split across ranks, that can skip the rows an interrupted epoch
+    already used, so a resumed run sees the same batches as an uninterrupted one. Being a
+    ``DistributedSampler``, Lightning uses it as is under DDP/FSDP instead of wrapping it. ``__len__``
+    stays the full epoch: Lightning sizes epochs from it; a resumed epoch just ends early.
     """
 
     def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0):
@@ -223,13 +218,10 @@ class ResumableSampler(DistributedSampler):
         self._skip_epoch, self._skip_rows = epoch, rows
 
     def __iter__(self):
-        order = torch.randperm(
-            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-        ).tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
         order += order[: self.total_size - self.n]  # pad so every rank gets the same count
         if self.epoch == self._skip_epoch:
             order = order[self._skip_rows :]  # a whole number of global batches: ranks stay aligned
             self._skip_epoch = -1
         return iter(order[self.rank :: self.num_replicas])
-
-    # __len__ stays the full epoch: Lightning sizes epochs from it; a resumed epoch just ends early.

@@ -26,14 +26,12 @@ def render(processor, messages: list[dict], add_generation_prompt: bool = False)
 def assistant_spans(
     processor, messages: list[dict], row: int, first: int = 0, field: str = "messages"
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``messages`` and return the text with the character spans of assistant replies.
+    """Render ``messages``; return the text and the character spans of the assistant replies at message
+    index ``first`` or later (a preference pair's completion, not the earlier turns of its prompt).
 
-    Only replies at message index ``first`` or later count (a preference pair's completion, not
-    the earlier turns of its prompt).
-
-    A span covers the reply and its end-of-turn token (so the model learns to stop) and not the
-    whitespace after it. Prefix renders must be prefixes of the full render, which holds for
-    every mainstream chat template; if not, we refuse rather than guess.
+    A span covers the reply and its end-of-turn token (so the model learns to stop), not the whitespace
+    after it. Prefix renders must be prefixes of the full render, which holds for every mainstream chat
+    template; if not, we refuse rather than guess.
     """
     text = render(processor, messages)
     spans = []
@@ -112,10 +110,6 @@ def stack_blocks(blocks: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     def pad(x: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(x, (length - x.shape[1], 0), value=value)
 
-    def per_sequence(block: dict, key: str) -> bool:
-        value = block["vision"].get(key)
-        return isinstance(value, torch.Tensor) and value.shape[:2] == block["input_ids"].shape
-
     first = blocks[0]
     out: dict[str, Any] = {
         "input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in blocks]),
@@ -123,7 +117,7 @@ def stack_blocks(blocks: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "vision": {},
     }
     for key, value in first["vision"].items():
-        if per_sequence(first, key):
+        if isinstance(value, torch.Tensor) and value.shape[:2] == first["input_ids"].shape:  # per sequence
             out["vision"][key] = torch.cat([pad(b["vision"][key], 0) for b in blocks])
         else:
             out["vision"][key] = value
@@ -147,14 +141,10 @@ def encode(processor, texts: list[str], images: list, **kwargs) -> dict[str, Any
 
 def strip_final_answer(messages: list[dict]) -> tuple[list[dict], str]:
     """Split a conversation into the prompt (all but the last assistant turn) and that turn's text."""
-    last = messages[-1]
-    content = last["content"]
-    answer = (
-        content
-        if isinstance(content, str)
-        else "".join(p["text"] for p in content if p.get("type") == "text")
-    )
-    return messages[:-1], answer
+    content = messages[-1]["content"]
+    if isinstance(content, str):
+        return messages[:-1], content
+    return messages[:-1], "".join(p["text"] for p in content if p.get("type") == "text")
 
 
 class SFTCollator:
@@ -180,10 +170,9 @@ class SFTCollator:
             counts.append(image_token_counts(self.processor, row_images))
             images += row_images
         batch = encode(self.processor, texts, images)
-        batch["labels_mask"] = label_masks(
-            self.processor, batch, texts, spans, counts, [r[ROW] for r in rows]
-        )
-        batch["rows"] = [r[ROW] for r in rows]
+        ids = [r[ROW] for r in rows]
+        batch["labels_mask"] = label_masks(self.processor, batch, texts, spans, counts, ids)
+        batch["rows"] = ids
         if self.with_prompts:
             prompts, answers = zip(*(strip_final_answer(r["messages"]) for r in rows), strict=True)
             texts = [render(self.processor, p, add_generation_prompt=True) for p in prompts]

@@ -14,13 +14,7 @@ from typing import Any
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_vlm.data.base import VLMDataModule
-from lightning_vlm.data.collate import (
-    assistant_spans,
-    encode,
-    image_token_counts,
-    label_masks,
-    stack_blocks,
-)
+from lightning_vlm.data.collate import assistant_spans, encode, image_token_counts, label_masks, stack_blocks
 from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image_parts, open_image
 
 IMAGE_MARKER = re.compile(r"<image>\n?")
@@ -48,10 +42,10 @@ def prompt_messages(value: Any, n_images: int, row: int) -> list[dict]:
             if piece:
                 parts.append(_text(piece))
         return [{"role": "user", "content": parts}]
-    if count_image_parts(value, row, "prompt") != n_images:
+    found = count_image_parts(value, row, "prompt")
+    if found != n_images:
         raise BadRowError(
-            f"row {row}: field 'prompt' has {count_image_parts(value, row, 'prompt')} image part(s) "
-            f"but 'images' lists {n_images}"
+            f"row {row}: field 'prompt' has {found} image part(s) but 'images' lists {n_images}"
         )
     if value[-1]["role"] != "user":
         raise BadRowError(f"row {row}: field 'prompt': the last message must be the user's")
@@ -72,13 +66,9 @@ def response_messages(value: Any, row: int, field: str) -> list[dict]:
 def pair_messages(row: dict) -> tuple[list[dict], list[dict], list[dict]]:
     """(prompt, chosen, rejected) chat messages of a preference row."""
     i = row[ROW]
-    n_images = len(as_list(row.get("images")))
-    prompt = prompt_messages(row["prompt"], n_images, i)
-    return (
-        prompt,
-        response_messages(row["chosen"], i, "chosen"),
-        response_messages(row["rejected"], i, "rejected"),
-    )
+    prompt = prompt_messages(row["prompt"], len(as_list(row.get("images"))), i)
+    chosen, rejected = (response_messages(row[k], i, k) for k in ("chosen", "rejected"))
+    return prompt, chosen, rejected
 
 
 class PreferenceCollator:

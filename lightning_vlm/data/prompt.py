@@ -1,12 +1,11 @@
 """Prompt data for online RL (GRPO, GSPO, PPO): a prompt with its image(s) and any reference columns.
 
-Rows are ``{"images", "prompt", "answer"?, ...}``. The prompt is a chat message list ending with a
-user turn, or a plain string whose ``<image>`` markers place the images (without markers the images
-come first). Every other column travels with the batch so that reward functions can take it as a
-keyword (``answer``, ``task``, ``images``, ...). Public layouts map onto it with ``data.columns``
-(docs/data.md): multimodal-open-r1-8k-verified and CLEVR-style sets
-(``{images: image, prompt: problem, answer: solution}``), geometry3k
-(``{prompt: problem}``, ``<image>`` markers in the problem).
+Rows are ``{"images", "prompt", "answer"?, ...}``. The prompt is a chat message list ending with a user
+turn, or a plain string whose ``<image>`` markers place the images (without markers the images come
+first). Every other column travels with the batch so that reward functions can take it as a keyword
+(``answer``, ``task``, ``images``, ...). Public layouts map onto it with ``data.columns`` (docs/data.md):
+multimodal-open-r1-8k-verified and CLEVR-style sets (``{images: image, prompt: problem, answer:
+solution}``), geometry3k (``{prompt: problem}``, ``<image>`` markers in the problem).
 """
 
 from __future__ import annotations
@@ -42,12 +41,10 @@ def row_prompt(row: dict, system_prompt: str | None = None) -> list[dict]:
 
 
 class PromptCollator:
-    """Collate prompt rows into one left-padded batch of generation prompts.
-
-    The batch is ``{"input_ids", "attention_mask", "vision", "rows", "split", "prompts", "images",
-    "columns"}``: ``prompts`` holds each row's chat messages, ``images`` its opened RGB images and
-    ``columns`` every other dataset column as ``{name: [value per row]}`` (``columns["images"]`` is
-    ``images``), for the reward functions.
+    """Collate prompt rows into one left-padded batch of generation prompts: ``{"input_ids",
+    "attention_mask", "vision", "rows", "split", "prompts", "images", "columns"}``. ``prompts`` holds each
+    row's chat messages, ``images`` its opened RGB images and ``columns`` every other dataset column as
+    ``{name: [value per row]}`` (``columns["images"]`` is ``images``), for the reward functions.
 
     Args:
         processor: The backbone's processor (left padding).
@@ -65,8 +62,7 @@ class PromptCollator:
         texts = [render(self.processor, p, add_generation_prompt=True) for p in prompts]
         images = [[open_image(ref, r[BASE], r[ROW]) for ref in as_list(r.get("images"))] for r in rows]
         batch = encode(self.processor, texts, [im for row_images in images for im in row_images])
-        names = [k for k in rows[0] if k not in NOT_IN_COLUMNS]
-        columns = {k: [r[k] for r in rows] for k in names}
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in NOT_IN_COLUMNS}
         columns["images"] = images
         batch.update(
             rows=[r[ROW] for r in rows], split=self.split, prompts=prompts, images=images, columns=columns

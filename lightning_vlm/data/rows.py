@@ -35,8 +35,7 @@ def load_source(source: str, columns: dict[str, str], required: tuple[str, ...])
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        base = str(path)
+        ds, base = datasets.load_from_disk(str(path)), str(path)
     elif suffix in (".jsonl", ".json", ".parquet", ".arrow"):
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {source}")
@@ -47,8 +46,7 @@ def load_source(source: str, columns: dict[str, str], required: tuple[str, ...])
         base = str(path.parent.resolve())
     else:
         name, _, split = source.partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
-        base = "."
+        ds, base = datasets.load_dataset(name, split=split or "train"), "."
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"{source}: holds several splits {list(ds)}; point at one")
     renames = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
@@ -60,10 +58,8 @@ def load_source(source: str, columns: dict[str, str], required: tuple[str, ...])
     ds = ds.rename_columns(renames)
     for col in required:
         if col not in ds.column_names:
-            raise KeyError(
-                f"{source}: missing column {col!r} (map it with data.columns, e.g. {{{col}: <their name>}}); "
-                f"the columns are {ds.column_names}"
-            )
+            hint = f"map it with data.columns, e.g. {{{col}: <their name>}}"
+            raise KeyError(f"{source}: missing column {col!r} ({hint}); the columns are {ds.column_names}")
     ds = ds.add_column(ROW, list(range(len(ds))))
     return ds.add_column(BASE, [base] * len(ds))
 
@@ -128,8 +124,7 @@ def open_image(ref: Any, base: str, row: int, decode: bool = True) -> Image.Imag
                 raise BadRowError(
                     f"row {row}: field 'images': expected a path, bytes or image, got {type(ref).__name__}"
                 )
-            full = Path(base) / path
-            img = Image.open(full)
+            img = Image.open(Path(base) / path)
         if not decode:
             return img
         img.load()

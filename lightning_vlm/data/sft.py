@@ -26,5 +26,4 @@ class SFTDataModule(VLMDataModule):
         return self.token_length(render(self.processor, messages), images)
 
     def _collator(self, split: str) -> SFTCollator:
-        # Held-out batches also carry generation prompts for the exact-match accuracy.
         return SFTCollator(self.processor, with_prompts=split != "train")

@@ -128,16 +128,9 @@ def _ask(rng: random.Random, task: str, colour: str = "") -> str:
 
 
 def make_example(rng: random.Random, task: str, image_size: int) -> tuple[list[Image.Image], str, str]:
-    """Draw one example of a task as a pure function of ``rng``'s state.
-
-    Args:
-        rng: Source of all randomness.
-        task: One of ``TASKS``.
-        image_size: Side of the square RGB images in pixels (at least 32).
-
-    Returns:
-        ``(images, question, answer)``: two images for "compare", one otherwise; a one-word answer.
-    """
+    """Draw one example of ``task`` (one of ``TASKS``) as a pure function of ``rng``'s state, on square RGB
+    images of side ``image_size`` (at least 32): ``(images, question, answer)``, with two images for
+    "compare" and one otherwise, and a one-word answer."""
     images, facts = _example(rng, task, image_size)
     return images, _ask(rng, task, facts[0][2]), facts[0][1]
 
@@ -198,7 +191,8 @@ def write_synthetic(
     """Write the synthetic SFT, preference and prompt datasets under ``out_dir`` and return it as a Path.
 
     The output is a pure function of the arguments, built in a temporary sibling folder and renamed into
-    place; if ``out_dir`` already holds data made with the same parameters, nothing is rewritten.
+    place; if ``out_dir`` already holds data made with the same parameters, nothing is rewritten. Raises
+    ValueError if a task is unknown or ``out_dir`` holds other data (the message lists the differences).
 
     Args:
         out_dir: Destination folder; it must be missing, empty or hold a previous run's data.
@@ -207,9 +201,6 @@ def write_synthetic(
         image_size: Side of the square images in pixels.
         seed: Seed for everything drawn.
         tasks: Members of ``TASKS`` to use; rows are spread evenly over them.
-
-    Raises:
-        ValueError: If a task is unknown or ``out_dir`` holds other data (the message lists the differences).
     """
     out_dir = Path(out_dir)
     params = dict(n_train=n_train, n_val=n_val, image_size=image_size, seed=seed, tasks=list(tasks))

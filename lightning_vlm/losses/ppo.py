@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_vlm.losses.steps import StepTotals, over_step
+
 Metrics = dict[str, torch.Tensor]
 
 
@@ -114,6 +116,7 @@ def ppo_losses(
     cliprange: float = 0.2,
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
+    totals: StepTotals | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO's clipped policy loss plus its clipped value loss, token means over the mask.
 
@@ -132,6 +135,8 @@ def ppo_losses(
         cliprange: Policy ratio clip c.
         cliprange_value: Value clip cv around the old values.
         vf_coef: Weight of the value loss.
+        totals: The optimiser step's totals when it is computed in chunks: both token means are then
+            taken over the step's kept tokens.
 
     Returns:
         ``(loss, metrics)`` with ``policy/loss``, ``policy/clipfrac`` (tokens where the clipped term is
@@ -147,7 +152,7 @@ def ppo_losses(
     vf1 = (values - returns) ** 2
     vf2 = (clipped_values - returns) ** 2
     vf_loss = 0.5 * _masked_mean(torch.max(vf1, vf2), mask)
-    loss = pg_loss + vf_coef * vf_loss
+    loss = over_step(pg_loss + vf_coef * vf_loss, mask, totals, tokens=True)
     d = (logps - old_logps).detach()
     metrics = {
         "policy/loss": pg_loss.detach(),

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from lightning_vlm.backbone import VLMBackbone
-from lightning_vlm.settings import BackboneConfig, as_backbone_config
+from lightning_vlm.model.backbone import VLMBackbone
+from lightning_vlm.model.config import BackboneConfig, as_backbone_config
 
 
 class VLMObjective(L.LightningModule):
     """Base of all objectives."""
 
     need_reference: bool = False
+    if TYPE_CHECKING:  # the saved __init__ arguments, read as attributes (self.hparams.beta)
+
+        @property
+        def hparams(self) -> Any: ...
 
     def __init__(
         self,
@@ -70,7 +74,7 @@ class VLMObjective(L.LightningModule):
         if mesh is None:
             self.load_models()
             return
-        from lightning_vlm.parallel import data_parallel_mesh, load_sharded, shard_rest
+        from lightning_vlm.model.parallel import data_parallel_mesh, load_sharded, shard_rest
 
         backbones = [m for m in self.modules() if isinstance(m, VLMBackbone)]
         load_sharded(backbones, self.load_models, data_parallel_mesh(mesh))
@@ -144,7 +148,7 @@ class VLMObjective(L.LightningModule):
         ]
         return [g for g in groups if g["params"]]
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> Any:
         h = self.hparams
         if self.optimizer_factory is not None:
             opt = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torchmetrics import MeanMetric
 
-from lightning_vlm.backbone import BackboneConfig
 from lightning_vlm.losses import sft_loss
 from lightning_vlm.metrics import exact_match
+from lightning_vlm.model.backbone import BackboneConfig
 from lightning_vlm.objectives.base import VLMObjective
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
-from lightning_vlm.backbone import VLMBackbone
-from lightning_vlm.vision import has_images
+from lightning_vlm.model.backbone import VLMBackbone
+from lightning_vlm.model.vision import has_images
 
 log = logging.getLogger(__name__)
 Pair = tuple[torch.Tensor, torch.Tensor]

@@ -1,11 +1,10 @@
 """Reward functions for online RL (GRPO, GSPO, PPO), referenced from YAML by import path.
 
-A reward function is ``f(prompts, completions, **row) -> list[float | None]``: one value per
-completion. Every dataset column arrives as a keyword holding one value per completion (``answer``,
-``images``, ``task``, ...), so a function takes the columns it needs and ignores the rest with
-``**row``. ``None`` means "not applicable to this sample" and is left out of the weighted sum.
-:func:`combine` applies several functions with weights and names the function and the sample when
-one raises or returns NaN.
+A reward function is ``f(prompts, completions, **row) -> list[float | None]``: one value per completion.
+Every dataset column arrives as a keyword holding one value per completion (``answer``, ``images``,
+``task``, ...), so a function takes the columns it needs and ignores the rest with ``**row``. ``None``
+means "not applicable to this sample" and is left out of the weighted sum. :func:`combine` applies
+several functions with weights and names the function and the sample when one raises or returns NaN.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from lightning_vlm.metrics import normalize_answer
 
@@ -44,9 +43,8 @@ def extract_answer(text: str) -> str:
 
 def canonical(text: str) -> str:
     """Normalise an answer for comparison: case, spaces and outer punctuation; numbers to one form
-    (``"1,000"``, ``"1000.0"`` -> ``"1000"``; ``"1/2"`` and ``"\\frac{1}{2}"`` -> ``"0.5"``; a
-    trailing ``%`` is dropped); choice letters to the letter
-    (``"(B)"``, ``"B."``, ``"Answer: b"`` -> ``"b"``)."""
+    (``"1,000"``, ``"1000.0"`` -> ``"1000"``; ``"1/2"`` and ``"\\frac{1}{2}"`` -> ``"0.5"``; a trailing
+    ``%`` is dropped); choice letters to the letter (``"(B)"``, ``"B."``, ``"Answer: b"`` -> ``"b"``)."""
     norm = normalize_answer(_FRAC.sub(r"\1/\2", text).replace("\\!", ""))
     compact = norm.replace(",", "").replace(" ", "").rstrip("%")
     if "/" in compact and compact.count("/") == 1:
@@ -69,11 +67,9 @@ def accuracy(
     prompts: Sequence, completions: Sequence[str], answer: Sequence[Any] | None = None, **row
 ) -> list[float | None]:
     """1.0 when the completion's final answer equals the reference answer, else 0.0; None for rows
-    without an answer.
-
-    Both sides go through :func:`extract_answer` and :func:`canonical`, so the ``answer`` column may
-    hold the bare answer (``"3"``), a tagged one (``"<answer> 3 </answer>"``) or a worked solution
-    ending in ``\\boxed{3}``.
+    without an answer. Both sides go through :func:`extract_answer` and :func:`canonical`, so the
+    ``answer`` column may hold the bare answer (``"3"``), a tagged one (``"<answer> 3 </answer>"``) or a
+    worked solution ending in ``\\boxed{3}``.
     """
     if answer is None:
         raise KeyError("accuracy reward: the data has no 'answer' column (map it with data.columns)")
@@ -141,13 +137,12 @@ class OverlongPenalty:
 class LengthPenalty:
     """Kimi k1.5's length reward (Kimi Team 2025, https://arxiv.org/abs/2501.12599, section 2.3.3).
 
-    Within each group (the completions of one prompt), with lengths in tokens,
-    ``lambda = 0.5 - (len - min_len) / (max_len - min_len)`` (0 for all when every completion has the
-    same length). A correct completion gets ``lambda`` (shorter is better), an incorrect one
-    ``min(0, lambda)`` (long wrong answers are punished, short ones not rewarded). It curbs
-    overthinking: among correct answers the shorter ones win. Kimi adds it only after a phase of
-    plain training (it slows early learning); reward functions do not see the step, so to do the
-    same, resume a run with it added to ``rollout.rewards``.
+    Within each group (the completions of one prompt), with lengths in tokens, ``lambda = 0.5 - (len -
+    min_len) / (max_len - min_len)`` (0 for all when every completion has the same length). A correct
+    completion gets ``lambda`` (shorter is better), an incorrect one ``min(0, lambda)`` (long wrong
+    answers are punished, short ones not rewarded). It curbs overthinking: among correct answers the
+    shorter ones win. Kimi adds it only after a phase of plain training (it slows early learning); reward
+    functions do not see the step, so to do the same, resume a run with it added to ``rollout.rewards``.
     """
 
     def __init__(self, verifier: RewardFn | None = None):
@@ -188,89 +183,6 @@ class LengthPenalty:
         return out
 
 
-class RewardModelReward:
-    """A learned reward model as a reward function: the score of each (prompt, completion).
-
-    The model is one trained with :class:`~lightning_vlm.objectives.RewardModel` (Bradley-Terry, as
-    in InstructGPT, https://arxiv.org/abs/2203.02155) and exported by ``ExportHF``. Each completion
-    is rendered exactly as the reward model's training pairs were (the prompt's messages plus one
-    assistant message holding the completion, through the reward model's own chat template and
-    processor, with the sample's images), and scored at its last token. The model loads once, on the
-    first call, so parsing a config stays cheap. Images come from the ``images`` keyword (the
-    rollout passes each prompt's opened images; paths are read relative to the working directory).
-    """
-
-    def __init__(
-        self,
-        path: str,
-        batch_size: int = 8,
-        device: str | None = None,
-        dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
-    ):
-        """
-        Args:
-            path: Folder written by ``ExportHF`` for a RewardModel run (HF weights + ``reward_head``).
-            batch_size: Sequences scored per forward.
-            device: Where the reward model runs (default: ``cuda`` when available, else ``cpu``).
-            dtype: Dtype of its weights (``auto``, ``float32``, ``bfloat16``, ``float16``; default:
-                the backbone's default, ``float32``).
-        """
-        if batch_size < 1:
-            raise ValueError(f"RewardModelReward: batch_size must be >= 1, got {batch_size}")
-        self.path = path
-        self.batch_size = batch_size
-        self.device = device
-        self.dtype = dtype
-        self.model = None
-
-    def load(self):
-        """The reward model, loaded on first use (eval mode, on ``device``)."""
-        if self.model is None:
-            import torch
-
-            from lightning_vlm.objectives.reward_model import RewardModel
-
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            extra = {"dtype": self.dtype} if self.dtype else {}
-            self.model = RewardModel.from_pretrained(self.path, **extra).to(device)
-        return self.model
-
-    def __call__(
-        self, prompts: Sequence, completions: Sequence[str], images: Sequence | None = None, **row
-    ) -> list[float | None]:
-        import torch
-
-        from lightning_vlm.data.collate import encode, render
-        from lightning_vlm.data.preference import prompt_messages, response_messages
-        from lightning_vlm.data.rows import as_list, open_image
-
-        model = self.load()
-        processor = model.backbone.processor
-        device = next(model.parameters()).device
-        images = images if images is not None else [None] * len(completions)
-        texts, sample_images = [], []
-        for i, (prompt, completion, refs) in enumerate(zip(prompts, completions, images, strict=True)):
-            opened = [open_image(ref, ".", i) for ref in as_list(refs)]
-            messages = prompt_messages(prompt, len(opened), i) + response_messages(
-                completion, i, "completion"
-            )
-            texts.append(render(processor, messages))  # as PreferenceCollator renders "chosen"
-            sample_images.append(opened)
-        scores: list[float | None] = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                stop = start + self.batch_size
-                batch = encode(
-                    processor, texts[start:stop], [im for ims in sample_images[start:stop] for im in ims]
-                )
-                vision = {
-                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch["vision"].items()
-                }
-                s = model.scores(batch["input_ids"].to(device), batch["attention_mask"].to(device), vision)
-                scores += s.tolist()
-        return scores
-
-
 def combine(
     functions: Sequence[RewardFn],
     weights: Sequence[float] | None,
@@ -278,7 +190,10 @@ def combine(
     completions: Sequence[str],
     rows: dict[str, Sequence[Any]],
 ) -> tuple[list[float], dict[str, list[float | None]]]:
-    """Score every completion with every function and take the weighted sum of the values that apply.
+    """Score every completion with every function and take the weighted sum of the values that apply:
+    ``(total per completion, {function name: values})``; a completion for which every function returned
+    None gets 0.0. A RuntimeError names the function (and the sample) when one raises, returns the wrong
+    number of values, or returns NaN or inf.
 
     Args:
         functions: Reward functions.
@@ -286,14 +201,6 @@ def combine(
         prompts: One prompt per completion.
         completions: The completions' texts.
         rows: Dataset columns, one value per completion each, passed as keywords.
-
-    Returns:
-        ``(total per completion, {function name: values})``. A completion for which every function
-        returned None gets 0.0.
-
-    Raises:
-        RuntimeError: naming the function (and the sample) when one raises, returns the wrong number
-            of values, or returns NaN or inf.
     """
     weights = list(weights) if weights is not None else [1.0] * len(functions)
     if len(weights) != len(functions):
@@ -307,25 +214,27 @@ def combine(
             values = list(fn(prompts, completions, **rows))
         except Exception as err:  # noqa: BLE001 - re-raised with the function and the sample named
             where = _failing_sample(fn, prompts, completions, rows)
+            at = "" if where is None else f", at sample {where} (completion {completions[where][:80]!r})"
             raise RuntimeError(
-                f"reward function {name} raised on this batch of {n} completions"
-                + (
-                    f", at sample {where} (completion {completions[where][:80]!r})"
-                    if where is not None
-                    else ""
-                )
-                + f": {err!r}"
+                f"reward function {name} raised on this batch of {n} completions{at}: {err!r}"
             ) from err
         if len(values) != n:
             raise RuntimeError(f"reward function {name} returned {len(values)} values for {n} completions")
         for i, value in enumerate(values):
             if value is None:
                 continue
-            if not math.isfinite(float(value)):
+            try:
+                value = float(value)
+            except (TypeError, ValueError) as err:
+                raise RuntimeError(
+                    f"reward function {name} returned {value!r} (a {type(value).__name__}, not a number or "
+                    f"None) for sample {i} (completion {completions[i][:80]!r})"
+                ) from err
+            if not math.isfinite(value):
                 raise RuntimeError(
                     f"reward function {name} returned {value} for sample {i} (completion {completions[i][:80]!r})"
                 )
-            totals[i] += weight * float(value)
+            totals[i] += weight * value
         per_function[name] = values
     return totals, per_function
 

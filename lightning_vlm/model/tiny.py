@@ -21,15 +21,9 @@ import torch
 
 Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava"]
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+# Chat tokens, then vision tokens; the order fixes their ids.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIAL_TOKENS += ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 # The Qwen chat layout, images as <|vision_start|><|image_pad|><|vision_end|> in place.
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -143,38 +137,23 @@ def _config(spec: TinyVLM, tokenizer):
     text = _text_sizes(spec, tokenizer)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
     vision = dict(depth=spec.vision_depth, num_heads=2, hidden_size=spec.hidden_size)
+    width = spec.vision_hidden_size  # sized: the Qwen2.5-VL and Qwen3-VL towers
+    sized = dict(hidden_size=width, intermediate_size=2 * width, out_hidden_size=spec.hidden_size)
     if spec.family == "qwen2_vl":
         cls = transformers.Qwen2VLConfig
-        vision.update(embed_dim=spec.vision_hidden_size, mlp_ratio=2)
+        vision.update(embed_dim=width, mlp_ratio=2)
     elif spec.family == "qwen2_5_vl":
         cls = transformers.Qwen2_5_VLConfig
-        vision.update(
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=2 * spec.vision_hidden_size,
-            out_hidden_size=spec.hidden_size,
-            fullatt_block_indexes=[spec.vision_depth - 1],
-            window_size=56,
-        )
+        vision.update(sized, fullatt_block_indexes=[spec.vision_depth - 1], window_size=56)
     else:
         moe = spec.family == "qwen3_vl_moe"
         cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
         text["head_dim"] = head_dim
         text["rope_parameters"]["mrope_interleaved"] = True
-        vision.update(
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=2 * spec.vision_hidden_size,
-            out_hidden_size=spec.hidden_size,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-            patch_size=16,
-        )
+        vision.update(sized, num_position_embeddings=64, deepstack_visual_indexes=[0], patch_size=16)
         if moe:
-            text.update(
-                num_experts=spec.num_experts,
-                num_experts_per_tok=2,
-                moe_intermediate_size=spec.hidden_size,
-                decoder_sparse_step=1,
-            )
+            text.update(num_experts=spec.num_experts, num_experts_per_tok=2)
+            text.update(moe_intermediate_size=spec.hidden_size, decoder_sparse_step=1)
     return cls(
         text_config=text,
         vision_config=vision,
@@ -231,7 +210,7 @@ def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
     from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from lightning_vlm.processing import image_only_processor, save_processor
+    from lightning_vlm.model.processing import image_only_processor, save_processor
 
     out_dir = Path(out_dir)
     if spec.family == "llava":

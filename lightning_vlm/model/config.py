@@ -1,13 +1,15 @@
 """What a backbone is built from: the model, LoRA and training settings (the ``backbone:`` block of a
-recipe). Kept apart from :mod:`lightning_vlm.backbone` so the settings read on their own;
-``lightning_vlm.backbone`` re-exports them."""
+recipe), and the checkpoint they name. Kept apart from :mod:`lightning_vlm.model.backbone` so the
+settings read on their own; ``lightning_vlm.model.backbone`` re-exports them."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from lightning_vlm.tiny import TinyVLM
+from lightning_vlm.model.tiny import TinyVLM, ensure_tiny_vlm
 
 
 @dataclass
@@ -73,3 +75,37 @@ def as_backbone_config(value: BackboneConfig | dict) -> BackboneConfig:
     if isinstance(value.get("lora"), dict):
         value["lora"] = LoraSettings(**value["lora"])
     return BackboneConfig(**value)
+
+
+def resolve_path(config: BackboneConfig) -> tuple[str, str | None]:
+    """The checkpoint ``config`` names (the tiny model's cached folder, a hub id or a local folder) and,
+    when that is a peft adapter folder, the adapter folder (the path is then its base model's)."""
+    if (config.model_name_or_path is None) == (config.tiny is None):
+        raise ValueError("backbone: set exactly one of `model_name_or_path` and `tiny`")
+    if config.tiny is not None:
+        return str(ensure_tiny_vlm(config.tiny)), None
+    path = config.model_name_or_path
+    local = path.startswith((".", "/", "~")) or path.count("/") > 1  # hub ids are "org/name"
+    if local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"backbone.model_name_or_path: no model folder at {path}")
+    path = str(Path(path).expanduser()) if path.startswith("~") else path
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter_config.is_file() and not (Path(path) / "config.json").is_file():
+        return json.loads(adapter_config.read_text())["base_model_name_or_path"], path
+    return path, None
+
+
+def check_is_vlm(path: str, trust_remote_code: bool):
+    """The checkpoint's transformers config, once it is known to describe a vision-language model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not trust_remote_code:
+        raise ValueError(
+            f"{path}: model_type {config.model_type!r} is not a vision-language model "
+            "(no AutoModelForImageTextToText class for it)"
+        )
+    return config

@@ -10,19 +10,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from lightning_vlm.rollout import Rollout
+    from lightning_vlm.rollout.rollout import Rollout
 
 
 def write_samples(trainer, run_folder: Path, rollout: Rollout, batch: dict, rows: int) -> None:
     """Append ``rows`` of the rollout's samples to ``samples.jsonl`` in ``run_folder`` (images saved under
     ``samples/``) and, with the WandbLogger, log them as the W&B table ``rollout/samples``. Rank 0 only:
     the caller resolves ``trainer.log_dir``, a collective, on every rank."""
-    n = min(rows, len(rollout.texts))
     folder = run_folder / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     step = trainer.global_step
     records, images = [], []
-    for s in range(n):
+    for s in range(min(rows, len(rollout.texts))):
         i = s // rollout.group_size
         paths = []
         for j, image in enumerate(batch["images"][i]):

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_vlm.backbone import BackboneConfig
 from lightning_vlm.losses import dpo_loss, hinge_loss, ipo_loss
+from lightning_vlm.model.backbone import BackboneConfig
 from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.objectives.pairs import PairLogps
+from lightning_vlm.objectives.preference.pairs import PairLogps
 
 
 class DPO(VLMObjective):

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_vlm.processing import save_processor
+from lightning_vlm.model.processing import save_processor
 
 
 class ExportHF(L.Callback):
@@ -45,7 +45,7 @@ class ExportHF(L.Callback):
         tmp = self.dirpath.with_name(f".{self.dirpath.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         if state is not None:  # an unsharded copy, loaded as the backbone loads, with the trained weights
-            from lightning_vlm.backbone import VLMBackbone
+            from lightning_vlm.model.backbone import VLMBackbone
 
             fresh = VLMBackbone(backbone.config)
             fresh.load()

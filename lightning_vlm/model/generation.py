@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_vlm.vision import has_images, shared_vision
+from lightning_vlm.model.lora import unwrap
+from lightning_vlm.model.vision import has_images, shared_vision
 
 
 def _per_sequence(vision: dict[str, Any], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -30,22 +31,14 @@ def _repeat_rope_deltas(model: nn.Module, times: int) -> None:
             module.rope_deltas = deltas.repeat_interleave(times, dim=0)
 
 
-_VISION_TOKENS = (
-    "image_token_id",
-    "image_token_index",
-    "video_token_id",
-    "vision_start_token_id",
-    "vision_end_token_id",
-    "boi_token_id",
-    "eoi_token_id",
-)
+_VISION_TOKENS = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id")
+_VISION_TOKENS += ("vision_end_token_id", "boi_token_id", "eoi_token_id")
 
 
 def _vision_token_ids(model: nn.Module) -> list[int]:
     """Image placeholder and delimiter tokens: a completion that contained one would make the
     training forward expect image features that do not exist, so they are never sampled."""
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    ids = {getattr(config, name, None) for name in _VISION_TOKENS}
+    ids = {getattr(unwrap(model).config, name, None) for name in _VISION_TOKENS}
     return sorted(int(i) for i in ids if isinstance(i, int))
 
 
@@ -82,44 +75,34 @@ def generate(
     min_new_tokens: int = 0,
     row_seeds: list[int] | None = None,
 ) -> torch.Tensor:
-    """Generate from left-padded prompts; returns (B * num_return_sequences, N) completion ids.
+    """Generate from left-padded prompts; returns (B * G, N) completion ids, G = ``num_return_sequences``.
 
-    The ``num_return_sequences`` samples of prompt i are rows ``i * G ... i * G + G - 1``. They
-    come from one prefill of the prompt (see the module docstring); ``features`` (from
-    ``encode_images``) replaces the image encoding of that prefill.
-
-    Only the settings given here apply: the checkpoint's own ``generation_config`` (repetition
-    penalty, default temperature, ...) is replaced, so evaluation is plain greedy and sampling is
-    exactly what the caller asked for, except that image placeholder tokens are never generated. Generation stops at the tokenizer's EOS; finished rows are
-    padded with the pad token.
-
-    ``row_seeds`` (with ``do_sample``): one seed per output row; each row samples from its own
-    generator (:class:`SeededSampling`), so its draw does not depend on the batch it is in.
+    The G samples of prompt i are rows ``i * G ... i * G + G - 1``, from one prefill of the prompt (see
+    the module docstring); ``features`` (from ``encode_images``) replaces the image encoding of that
+    prefill. Only the settings given here apply: the checkpoint's own ``generation_config`` (repetition
+    penalty, default temperature, ...) is replaced, so evaluation is plain greedy and sampling is exactly
+    what the caller asked for, except that image placeholder tokens are never generated. Generation
+    stops at the tokenizer's EOS; finished rows are padded with the pad token. ``row_seeds`` (with
+    ``do_sample``): one seed per output row; each row samples from its own generator
+    (:class:`SeededSampling`), so its draw does not depend on the batch it is in.
     """
-    from transformers import (
-        GenerationConfig,
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    import transformers
 
-    processors = LogitsProcessorList()
+    G = num_return_sequences
+    processors = transformers.LogitsProcessorList()
     if do_sample and row_seeds is not None:
-        if len(row_seeds) != input_ids.shape[0] * num_return_sequences:
-            raise ValueError(
-                f"row_seeds: {len(row_seeds)} seeds for {input_ids.shape[0] * num_return_sequences} rows"
-            )
+        if len(row_seeds) != input_ids.shape[0] * G:
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {input_ids.shape[0] * G} rows")
         # The warpers generate() would add for sampling, in its order, then the per-row draw.
         if temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
+            processors.append(transformers.TemperatureLogitsWarper(temperature))
         if top_k:
-            processors.append(TopKLogitsWarper(top_k))
+            processors.append(transformers.TopKLogitsWarper(top_k))
         if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
+            processors.append(transformers.TopPLogitsWarper(top_p))
         processors.append(SeededSampling(row_seeds, input_ids.device))
         do_sample = False
-    config = GenerationConfig(
+    config = transformers.GenerationConfig(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         do_sample=do_sample,
@@ -130,11 +113,10 @@ def generate(
         **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
     )
     # generate() fills settings left at their defaults from the model's own config, so swap it out.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     saved, base.generation_config = base.generation_config, config
     was_training = model.training
     model.eval()
-    G = num_return_sequences
     # Under FSDP2 every decoding step all-gathers weights: all ranks must step until the last one ends.
     settings = {"logits_processor": processors, "synced_gpus": _sharded(model)}
     try:

@@ -1,9 +1,8 @@
 """Processor loading that works with and without torchvision.
 
-In transformers 5.x the stock Qwen-VL processors hold a video processor that needs
-torchvision. Where torchvision is missing we build the same processor class without its video
-half (images and text behave exactly as in the stock class); where it is present users get the
-stock processor untouched.
+In transformers 5.x the stock Qwen-VL processors hold a video processor that needs torchvision. Where
+torchvision is missing we build the same processor class without its video half (images and text behave
+exactly as in the stock class); where it is present users get the stock processor untouched.
 """
 
 from __future__ import annotations
@@ -92,10 +91,6 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    cls = image_only_processor(name)
-    return cls(image_processor, tokenizer, chat_template=tokenizer.chat_template or _read_template(path))
-
-
-def _read_template(path: str) -> str | None:
     file = Path(path) / "chat_template.jinja"
-    return file.read_text() if file.is_file() else None
+    template = tokenizer.chat_template or (file.read_text() if file.is_file() else None)
+    return image_only_processor(name)(image_processor, tokenizer, chat_template=template)

@@ -16,14 +16,18 @@ PPO's value model, starts from the same export and reads the head at every posit
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lightning_vlm.backbone import BackboneConfig, VLMBackbone
+from lightning_vlm.data.collate import encode, render
+from lightning_vlm.data.preference import prompt_messages, response_messages
+from lightning_vlm.data.rows import as_list, open_image
 from lightning_vlm.losses import reward_model_loss
+from lightning_vlm.model.backbone import BackboneConfig, VLMBackbone
 from lightning_vlm.objectives.base import VLMObjective
 
 HEAD_FILE, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
@@ -160,3 +164,76 @@ def check_compatible(policy: VLMBackbone, critic: VLMBackbone) -> None:
             f"model.critic ({critic.path}): its tokenizer differs from the policy's; the critic reads the "
             "policy's token ids, so train the reward model from the same base as the policy"
         )
+
+
+class RewardModelReward:
+    """A learned reward model as a reward function: the score of each (prompt, completion).
+
+    The model is one trained with :class:`~lightning_vlm.objectives.RewardModel` (Bradley-Terry, as
+    in InstructGPT, https://arxiv.org/abs/2203.02155) and exported by ``ExportHF``. Each completion
+    is rendered exactly as the reward model's training pairs were (the prompt's messages plus one
+    assistant message holding the completion, through the reward model's own chat template and
+    processor, with the sample's images), and scored at its last token. The model loads once, on the
+    first call, so parsing a config stays cheap. Images come from the ``images`` keyword (the
+    rollout passes each prompt's opened images; paths are read relative to the working directory).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
+    ):
+        """
+        Args:
+            path: Folder written by ``ExportHF`` for a RewardModel run (HF weights + ``reward_head``).
+            batch_size: Sequences scored per forward.
+            device: Where the reward model runs (default: ``cuda`` when available, else ``cpu``).
+            dtype: Dtype of its weights (``auto``, ``float32``, ``bfloat16``, ``float16``; default:
+                the backbone's default, ``float32``).
+        """
+        if batch_size < 1:
+            raise ValueError(f"RewardModelReward: batch_size must be >= 1, got {batch_size}")
+        self.path = path
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self.model = None
+
+    def load(self):
+        """The reward model, loaded on first use (eval mode, on ``device``)."""
+        if self.model is None:
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            extra = {"dtype": self.dtype} if self.dtype else {}
+            self.model = RewardModel.from_pretrained(self.path, **extra).to(device)
+        return self.model
+
+    def __call__(
+        self, prompts: Sequence, completions: Sequence[str], images: Sequence | None = None, **row
+    ) -> list[float | None]:
+        model = self.load()
+        processor = model.backbone.processor
+        device = next(model.parameters()).device
+        images = images if images is not None else [None] * len(completions)
+        texts, sample_images = [], []
+        for i, (prompt, completion, refs) in enumerate(zip(prompts, completions, images, strict=True)):
+            opened = [open_image(ref, ".", i) for ref in as_list(refs)]
+            messages = prompt_messages(prompt, len(opened), i) + response_messages(
+                completion, i, "completion"
+            )
+            texts.append(render(processor, messages))  # as PreferenceCollator renders "chosen"
+            sample_images.append(opened)
+        scores: list[float | None] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                stop = start + self.batch_size
+                batch = encode(
+                    processor, texts[start:stop], [im for ims in sample_images[start:stop] for im in ims]
+                )
+                vision = {
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch["vision"].items()
+                }
+                s = model.scores(batch["input_ids"].to(device), batch["attention_mask"].to(device), vision)
+                scores += s.tolist()
+        return scores

@@ -17,14 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from lightning_vlm.model.lora import unwrap
 
 
 def moe_layout(model: nn.Module) -> tuple[int, int] | None:
     """Experts per MoE layer and experts per token of ``model`` (optionally peft-wrapped), or None if dense."""
-    config = _base(model).config.get_text_config()
+    config = unwrap(model).config.get_text_config()
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None)
     return (int(experts), int(top_k)) if experts and top_k else None
@@ -34,7 +32,7 @@ def _routers(model: nn.Module) -> list[tuple[nn.Module, int]]:
     """(module to hook, index of the logits in its output) for each router of the language model."""
     from transformers.utils.output_capturing import OutputRecorder
 
-    base = _base(model)
+    base = unwrap(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base  # not the vision tower
     specs = (getattr(decoder, "_can_record_outputs", None) or {}).get("router_logits", [])
     found = []
@@ -54,24 +52,19 @@ def _routers(model: nn.Module) -> list[tuple[nn.Module, int]]:
 
 @contextlib.contextmanager
 def capture_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the router logits of every forward pass of ``model`` run inside the block.
+    """Collect the router logits of every forward pass of ``model`` (a transformers MoE model, optionally
+    peft-wrapped) run inside the block; ValueError if its language model has no MoE router.
 
-    Yields a list that fills with one (tokens, experts) tensor per MoE layer per forward pass, in
-    call order, still in the graph (the aux loss trains the routers). Forwards that autograd runs
-    during backward (activation-checkpoint recomputation) are skipped, so ``backward`` inside the
-    block counts nothing twice. Needs non-reentrant checkpointing (the backbone's): reentrant runs
-    the first forward without grad. The hooks are removed on exit.
-
-    Args:
-        model: A transformers MoE model, optionally peft-wrapped (``VLMBackbone.model``).
-
-    Raises:
-        ValueError: ``model`` has no MoE router in its language model.
+    Yields a list that fills with one (tokens, experts) tensor per MoE layer per forward pass, in call
+    order, still in the graph (the aux loss trains the routers). Forwards that autograd runs during
+    backward (activation-checkpoint recomputation) are skipped, so ``backward`` inside the block counts
+    nothing twice. Needs non-reentrant checkpointing (the backbone's): reentrant runs the first forward
+    without grad. The hooks are removed on exit.
     """
     layout = moe_layout(model)
     routers = _routers(model) if layout else []
     if not routers:
-        raise ValueError(f"{type(_base(model)).__name__}: no MoE router found in the language model")
+        raise ValueError(f"{type(unwrap(model)).__name__}: no MoE router found in the language model")
     captured: list[torch.Tensor] = []
 
     def hook(index: int, module: nn.Module, args: tuple, output: Any) -> None:
@@ -96,12 +89,11 @@ def load_balancing_loss(
     top_k: int,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss, as transformers' ``load_balancing_loss_func``.
-
-    As defined for Mixtral, Qwen3-MoE and Qwen3-VL-MoE, pooled over all layers' tokens:
-    ``num_experts * sum_e f_e * P_e``, where ``f_e`` is the share of (token, layer) rows that put
-    expert e in their top-k (so ``sum_e f_e = top_k``) and ``P_e`` the mean router probability of e.
-    Perfectly balanced routing gives ``top_k``. Computed in float32.
+    """Switch-Transformer load-balancing loss, as transformers' ``load_balancing_loss_func`` defines it
+    for Mixtral, Qwen3-MoE and Qwen3-VL-MoE, pooled over all layers' tokens: ``num_experts * sum_e f_e *
+    P_e``, where ``f_e`` is the share of (token, layer) rows that put expert e in their top-k (so ``sum_e
+    f_e = top_k``) and ``P_e`` the mean router probability of e. Perfectly balanced routing gives
+    ``top_k``. A float32 scalar; gradients reach the routers through ``P``.
 
     Args:
         router_logits: (tokens, experts) logits per MoE layer, e.g. from :func:`capture_router_logits`.
@@ -109,9 +101,6 @@ def load_balancing_loss(
         top_k: Experts each token is routed to.
         attention_mask: (B, T) 1 on real tokens, with B * T equal to every layer's token count; padding
             rows count towards neither ``f`` nor ``P``.
-
-    Returns:
-        The scalar loss (float32); gradients reach the routers through ``P``.
     """
     if not router_logits:
         raise ValueError("load_balancing_loss: no router logits (no forward inside capture_router_logits?)")

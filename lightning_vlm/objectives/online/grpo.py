@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from lightning_vlm.backbone import BackboneConfig
-from lightning_vlm.losses import grpo_loss
-from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.objectives.online import OnlineRL, OnlineSteps
-from lightning_vlm.rollout import Rollout
+from lightning_vlm.losses import group_advantages, grpo_loss
+from lightning_vlm.model.backbone import BackboneConfig
+from lightning_vlm.objectives.online.base import Chunk, OnlineObjective, RolloutNeeds
+from lightning_vlm.rollout.rollout import Rollout
 
 
-class GRPO(OnlineSteps, VLMObjective):
+class GRPO(OnlineObjective):
     """GRPO on prompts with images and verifiable (or learned) rewards; needs a RolloutCallback."""
 
     def __init__(
@@ -32,12 +31,6 @@ class GRPO(OnlineSteps, VLMObjective):
         eps_high: float = 0.2,
         norm: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "dapo",
         scale_rewards: Literal["group", "batch", "none"] = "group",
-        num_iterations: int = 1,
-        mini_batches: int = 1,
-        accumulation: int = 1,
-        max_grad_norm: float | None = 1.0,
-        router_aux_coef: float = 0.0,
-        eval_max_new_tokens: int | None = None,
         **kwargs: Any,
     ):
         """
@@ -50,34 +43,29 @@ class GRPO(OnlineSteps, VLMObjective):
                 (mean over all tokens of the optimiser step), ``dr_grpo`` (sum / (sequences x max_new_tokens)).
             scale_rewards: Advantage scaling: by the group's std (``group``), the batch's (``batch``) or
                 not at all (``none``, as Dr. GRPO recommends).
-            num_iterations: Optimisation passes over each rollout (old-policy log-probs are computed
-                only when a rollout is used for more than one optimiser step).
-            mini_batches: Optimiser steps per pass; each takes ``num_generations / mini_batches`` samples
-                of every prompt.
-            accumulation: Forwards per optimiser step (gradient accumulation, for memory); the update does
-                not depend on it.
-            max_grad_norm: Clip the gradient norm per optimiser step (null: off). Lightning's
-                ``gradient_clip_val`` and ``accumulate_grad_batches`` do not apply (manual optimisation).
-            router_aux_coef: Weight of the MoE router load-balancing loss (MoE backbones only; 0: off).
-            eval_max_new_tokens: Tokens generated per held-out prompt (greedy); default: the rollout's.
-            **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
+            **kwargs: ``loop`` (the shared update loop: ``OnlineSettings``) and the optimisation
+                settings of :class:`VLMObjective` (lr, schedule, ...).
         """
-        self.need_reference = beta > 0
         super().__init__(backbone, **kwargs)
-        self.automatic_optimization = False  # several optimiser steps per rollout
-        self.online = OnlineRL(self, token_norm=norm in ("bnpo", "dapo"))
 
-    def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout, samples=None):
+    def needs(self) -> RolloutNeeds:
+        return RolloutNeeds(reference=self.hparams.beta > 0)
+
+    def advantages(self, rollout: Rollout):
+        return group_advantages(rollout.rewards, rollout.group_size, scale=self.hparams.scale_rewards)[0]
+
+    def policy_loss(self, chunk: Chunk):
         h = self.hparams
         return grpo_loss(
-            logps,
-            old_logps,
-            advantages,
-            mask,
+            chunk.logps,
+            chunk.old_logps,
+            chunk.advantages,
+            chunk.mask,
             eps_low=h.eps_low,
             eps_high=h.eps_high,
             beta=h.beta,
-            ref_logps=ref_logps,
+            ref_logps=chunk.ref_logps,
             norm=h.norm,
-            max_completion_length=rollout.max_new_tokens,
+            max_completion_length=chunk.rollout.max_new_tokens,
+            totals=chunk.totals,
         )

@@ -36,10 +36,11 @@ def add_lora(model: nn.Module, lora: Any, vision_mode: str, tower: nn.Module, to
     # disabled-adapter reference still sees the original tower and adapter exports include it.
     keep = [tower_name] if vision_mode == "train" else None
     peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=names,
-        modules_to_save=keep,
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names, modules_to_save=keep
     )
     return get_peft_model(model, peft_config)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -5,9 +5,9 @@ objective then applies ``fully_shard`` itself (configs/fsdp.yaml). The units are
 ``_no_split_modules`` (decoder layers, vision blocks). Our forwards call the inner model and the LM
 head directly rather than the ``...ForConditionalGeneration`` wrapper, so those two are the roots:
 FSDP2 all-gathers a root's parameters in its own forward, and a root keeps them gathered until the
-backward, so a head tied to the input embeddings reads the gathered embedding weight (its own copy
-is dropped). Anything trainable left
-outside (a reward or value head) becomes a unit of its own, so every gradient is reduced across ranks.
+backward, so a head tied to the input embeddings reads the gathered embedding weight (its own copy is
+dropped). Anything trainable left outside (a reward or value head) becomes a unit of its own, so every
+gradient is reduced across ranks.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+
+from lightning_vlm.model.lora import unwrap
 
 
 def data_parallel_mesh(mesh: Any):
@@ -35,7 +37,7 @@ def shard_model(model: nn.Module, mesh: Any) -> None:
     """``fully_shard`` a transformers VLM (or its peft wrapper): units, then the inner model and the head."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     if isinstance(base.model, FSDPModule):
         return  # configure_model may run twice
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
@@ -76,9 +78,8 @@ def load_sharded(backbones: list, load: Callable[[], None], mesh: Any) -> None:
     """Load and shard every backbone so that only rank 0 ever holds a full copy of the weights.
 
     Ranks > 0 build the models on the meta device; rank 0 loads the checkpoint. After ``fully_shard``,
-    rank 0's full weights are broadcast and each rank keeps its shard
-    (``set_model_state_dict(broadcast_from_rank0=True)``); buffers, which FSDP does not shard (rotary
-    frequencies, ...), are broadcast whole. Idempotent: ``configure_model`` may run twice.
+    rank 0's full weights are broadcast and each rank keeps its shard (``set_model_state_dict``);
+    buffers, which FSDP does not shard (rotary frequencies, ...), are broadcast whole. Idempotent.
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -107,9 +108,7 @@ def _broadcast_buffers(model: nn.Module) -> None:
 
     device = dist.distributed_c10d._get_pg_default_device()
     for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is None:
-                continue
+        for name, buf in [(n, b) for n, b in module._buffers.items() if b is not None]:
             real = torch.empty(buf.shape, dtype=buf.dtype, device=device) if buf.is_meta else buf.to(device)
             dist.broadcast(real, src=0)
             module._buffers[name] = real.to(buf.device) if not buf.is_meta else real

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from lightning_vlm.backbone import BackboneConfig
 from lightning_vlm.losses import bco_pair_loss, dpo_loss, sft_loss
+from lightning_vlm.model.backbone import BackboneConfig
 from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.objectives.pairs import PairLogps
+from lightning_vlm.objectives.preference.pairs import PairLogps
 
 
 class MPO(VLMObjective):

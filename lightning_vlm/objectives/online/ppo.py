@@ -20,19 +20,16 @@ from typing import Any, Literal
 import torch
 
 from lightning_vlm.losses import explained_variance, gae, kl_penalty_rewards, masked_whiten, ppo_losses
-from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.objectives.online import OnlineRL, OnlineSteps, rollout_callback
-from lightning_vlm.objectives.reward_model import Critic, check_compatible
-from lightning_vlm.rollout import Rollout
-from lightning_vlm.settings import BackboneConfig, as_backbone_config
-from lightning_vlm.vision import has_images
+from lightning_vlm.model.config import BackboneConfig, as_backbone_config
+from lightning_vlm.model.vision import has_images
+from lightning_vlm.objectives.online import loop
+from lightning_vlm.objectives.online.base import Chunk, OnlineObjective, RolloutNeeds
+from lightning_vlm.objectives.preference.reward_model import Critic, check_compatible
+from lightning_vlm.rollout.rollout import Rollout
 
 
-class PPO(OnlineSteps, VLMObjective):
+class PPO(OnlineObjective):
     """PPO with a critic on prompts with images; rewards from a RolloutCallback (a reward model)."""
-
-    min_group_size = 1  # the critic is the baseline: one sample per prompt suffices
-    needs_old_logps = True  # the KL reward is taken under the sampling policy
 
     def __init__(
         self,
@@ -51,12 +48,6 @@ class PPO(OnlineSteps, VLMObjective):
         whiten_advantages: bool = True,
         missing_eos_penalty: float | None = None,
         critic_warmup_rollouts: int = 0,
-        num_iterations: int = 4,
-        mini_batches: int = 1,
-        accumulation: int = 1,
-        max_grad_norm: float | None = 1.0,
-        router_aux_coef: float = 0.0,
-        eval_max_new_tokens: int | None = None,
         **kwargs: Any,
     ):
         """
@@ -85,17 +76,9 @@ class PPO(OnlineSteps, VLMObjective):
             critic_warmup_rollouts: The first N rollouts train the critic only (the policy's forwards
                 run without gradient), so its values fit the returns before they steer the policy
                 (OpenRLHF's ``freezing_actor_steps``).
-            num_iterations: PPO epochs: optimisation passes over each rollout.
-            mini_batches: Optimiser steps per pass; each takes ``num_generations / mini_batches``
-                samples of every prompt.
-            accumulation: Forwards per optimiser step (gradient accumulation, for memory); the update does
-                not depend on it.
-            max_grad_norm: Clip the gradient norm (policy and critic together) per optimiser step.
-            router_aux_coef: Weight of the MoE router load-balancing loss of the policy (0: off).
-            eval_max_new_tokens: Tokens generated per held-out prompt; default: the rollout's.
-            **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
+            **kwargs: ``loop`` (the shared update loop, ``OnlineSettings``; PPO epochs are its
+                ``num_iterations``, 4 in the recipes) and the optimisation settings of :class:`VLMObjective`.
         """
-        self.need_reference = kl_coef > 0
         super().__init__(backbone, **kwargs)
         if kl not in ("k1", "k3"):
             raise ValueError(f"model.kl must be k1 or k3; got {kl!r}")
@@ -104,17 +87,19 @@ class PPO(OnlineSteps, VLMObjective):
         self.kl_coef = kl_coef  # the current coefficient (adapted when kl_target is set; checkpointed)
         critic = as_backbone_config(critic)
         self.hparams["critic"] = asdict(critic)  # plain values in checkpoints (weights-only loading)
-        self.automatic_optimization = False  # several optimiser steps per rollout
         self.critic = Critic(critic)
         check_compatible(self.backbone, self.critic.backbone)
-        self.online = OnlineRL(self, token_norm=True)
+
+    def needs(self) -> RolloutNeeds:
+        # The KL reward is taken under the sampling policy; the critic is the baseline, so one
+        # sample per prompt suffices.
+        return RolloutNeeds(reference=self.hparams.kl_coef > 0, old_policy=True, min_group_size=1)
 
     def load_models(self) -> None:
         super().load_models()
         self.critic.load()
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
         kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)  # DDPStrategy's
         if (
             self.hparams.critic_warmup_rollouts
@@ -157,23 +142,21 @@ class PPO(OnlineSteps, VLMObjective):
         h, r = self.hparams, rollout
         mask = r.completion_mask.float() * r.keep[:, None]  # (B*G, N); no dropped samples in the whitening
         values = torch.zeros_like(mask)
-        for step in self.online.chunks(r.group_size):
+        for step in loop.chunks(self, r.group_size):
             for samples in step:
                 values[r.rows_of(samples)] = self.values(r, samples)
         values = values * mask
         scores = r.rewards
         if h.missing_eos_penalty is not None:
             scores = scores - h.missing_eos_penalty * r.truncated.float()
+        assert r.old_logps is not None  # needs().old_policy
         ref = r.ref_logps if r.ref_logps is not None else r.old_logps  # kl_coef 0: no KL term
         rewards, kl_metrics = kl_penalty_rewards(scores, r.old_logps, ref, mask, self.kl_coef, h.kl)
         advantages, returns = gae(rewards, values, mask, h.gamma, h.lam)
         if h.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         warmup = h.critic_warmup_rollouts
-        critic_only = (
-            warmup > 0 and self._trainer is not None and rollout_callback(self.trainer).rollouts < warmup
-        )
-        r.policy_frozen = critic_only
+        r.policy_frozen = warmup > 0 and r.index < warmup
         r.extra.update(values=values, returns=returns)
         metrics = {f"objective/{k}": v for k, v in kl_metrics.items()}
         metrics["objective/rlhf_reward"] = metrics["objective/scores"] + metrics["objective/non_score_reward"]
@@ -204,43 +187,38 @@ class PPO(OnlineSteps, VLMObjective):
         self.kl_coef = checkpoint.get("kl_coef", self.hparams.kl_coef)
 
     # ------------------------------------------------------------------ update
-    def policy_loss(self, logps, old_logps, advantages, mask, ref_logps, rollout: Rollout, samples):
-        rows = rollout.rows_of(samples)
-        h = self.hparams
+    def policy_loss(self, chunk: Chunk):
+        h, r, rows = self.hparams, chunk.rollout, chunk.rows
         return ppo_losses(
-            logps,
-            old_logps,
-            advantages,
-            self.values(rollout, samples),
-            rollout.extra["values"][rows],
-            rollout.extra["returns"][rows],
-            mask,
+            chunk.logps,
+            chunk.old_logps,
+            chunk.advantages,
+            self.values(r, chunk.samples),
+            r.extra["values"][rows],
+            r.extra["returns"][rows],
+            chunk.mask,
             cliprange=h.cliprange,
             cliprange_value=h.cliprange_value,
             vf_coef=h.vf_coef,
+            totals=chunk.totals,
         )
 
     # ------------------------------------------------------------------ held-out
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)  # greedy answers: val/reward
-        self._sampled(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        super().test_step(batch, batch_idx)
-        self._sampled(batch, batch_idx, "test")
-
     @torch.no_grad()
-    def _sampled(self, batch: dict, batch_idx: int, stage: str) -> None:
-        """Sample held-out completions as the rollout does (seeded by the batch index, so every check
-        sees the same draw) and log their mean score and KL to the reference (``<stage>/score``,
-        ``<stage>/kl``: the sequence's summed k1, an unbiased estimate of KL(policy || reference))."""
-        callback = rollout_callback(self.trainer)
-        r = callback.rollout(self, batch, seed=callback.seed * 1_000_003 + batch_idx)
+    def _held_out(self, batch: dict, stage: str):
+        """Greedy answers' ``<stage>/reward``; with the callback's ``eval_sampling``, also the mean score
+        of held-out samples (``<stage>/score``) and their KL to the reference (``<stage>/kl``: the
+        sequence's summed k1, an unbiased estimate of KL(policy || reference))."""
+        rollouts = super()._held_out(batch, stage)
+        if len(rollouts) < 2:
+            return rollouts
+        r = rollouts[1]
         n = r.rewards.numel()
         self.log(f"{stage}/score", r.rewards.mean(), on_epoch=True, batch_size=n, sync_dist=True)
-        if self.need_reference:
-            logps = self.online.logps(r)
+        if self.needs().reference:
+            logps = loop.logps(self, r)
             with self.backbone.reference() as ref:
-                ref_logps = self.online.logps(r, model=ref)
+                ref_logps = loop.logps(self, r, model=ref)
             kl = ((logps - ref_logps) * r.completion_mask).sum(-1).mean()
             self.log(f"{stage}/kl", kl, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=True)
+        return rollouts

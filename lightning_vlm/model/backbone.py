@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,42 +18,20 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_vlm import generation
-from lightning_vlm.lora import add_lora
-from lightning_vlm.processing import load_processor
-from lightning_vlm.settings import BackboneConfig, LoraSettings, as_backbone_config  # noqa: F401 (re-exported)
-from lightning_vlm.tiny import ensure_tiny_vlm
-from lightning_vlm.vision import encode_images, has_images, image_side_parameters, shared_vision
+from lightning_vlm.model import generation
+from lightning_vlm.model.config import (  # noqa: F401 (re-exported)
+    BackboneConfig,
+    LoraSettings,
+    as_backbone_config,
+    check_is_vlm,
+    resolve_path,
+)
+from lightning_vlm.model.lora import add_lora, unwrap
+from lightning_vlm.model.processing import load_processor
+from lightning_vlm.model.vision import encode_images, has_images, image_side_parameters, shared_vision
 
 _VISION_ATTRS = ("visual", "vision_tower", "vision_model")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _resolve(config: BackboneConfig) -> str:
-    if (config.model_name_or_path is None) == (config.tiny is None):
-        raise ValueError("backbone: set exactly one of `model_name_or_path` and `tiny`")
-    if config.tiny is not None:
-        return str(ensure_tiny_vlm(config.tiny))
-    path = config.model_name_or_path
-    local = path.startswith((".", "/", "~")) or path.count("/") > 1  # hub ids are "org/name"
-    if local and not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"backbone.model_name_or_path: no model folder at {path}")
-    return str(Path(path).expanduser()) if path.startswith("~") else path
-
-
-def _check_is_vlm(path: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and not trust_remote_code:
-        raise ValueError(
-            f"{path}: model_type {config.model_type!r} is not a vision-language model "
-            "(no AutoModelForImageTextToText class for it)"
-        )
-    return config
 
 
 class VLMBackbone(nn.Module):
@@ -71,19 +48,12 @@ class VLMBackbone(nn.Module):
             raise ValueError("backbone.vision: 'lora' needs backbone.lora settings")
         self.config = config
         self.need_reference = need_reference
-        self.path = _resolve(config)
-        self.adapter: str | None = None  # a peft adapter folder, merged into its base at load
-        adapter_config = Path(self.path) / "adapter_config.json"
-        if adapter_config.is_file() and not (Path(self.path) / "config.json").is_file():
-            self.adapter = self.path
-            self.path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        self.hf_config = _check_is_vlm(self.path, config.trust_remote_code)
+        self.path, self.adapter = resolve_path(config)  # adapter: a peft folder, merged into its base at load
+        self.hf_config = check_is_vlm(self.path, config.trust_remote_code)
         has_processor = self.adapter and (Path(self.adapter) / "processor_config.json").is_file()
+        source = self.adapter if has_processor else self.path
         self.processor = load_processor(
-            self.adapter if has_processor else self.path,
-            self.hf_config,
-            config.trust_remote_code,
-            **config.processor_kwargs,
+            source, self.hf_config, config.trust_remote_code, **config.processor_kwargs
         )
         # token_logps applies the LM head itself, so it must repeat what the model does to logits.
         text_config = self.hf_config.get_text_config()
@@ -97,7 +67,6 @@ class VLMBackbone(nn.Module):
         # FSDP2 on ranks > 0: build on the meta device; the weights come from rank 0 after sharding.
         self.on_meta = False
 
-    # ------------------------------------------------------------------ loading
     def load(self) -> None:
         """Load the weights and set trainability. Idempotent (Lightning may call it twice)."""
         if self.model is not None:
@@ -110,7 +79,7 @@ class VLMBackbone(nn.Module):
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         if self.on_meta and not self.adapter:
-            # FSDP2 on ranks > 0: structure only; lightning_vlm.parallel fills it from rank 0's weights.
+            # FSDP2 on ranks > 0: structure only; lightning_vlm.model.parallel fills it from rank 0's weights.
             dtype = self.hf_config.dtype if cfg.dtype == "auto" else kwargs["dtype"]
             with torch.device("meta"):
                 model = AutoModelForImageTextToText.from_config(self.hf_config, **{**kwargs, "dtype": dtype})
@@ -133,20 +102,16 @@ class VLMBackbone(nn.Module):
             self._vision_of(model).requires_grad_(False)
         if cfg.lora is not None:
             tower = self._vision_of(model)
-            model = add_lora(model, cfg.lora, cfg.vision, tower, self._vision_name(model))
+            tower_name = next(name for name, mod in model.named_modules() if mod is tower)
+            model = add_lora(model, cfg.lora, cfg.vision, tower, tower_name)
         elif self.need_reference:
             # Bypass nn.Module registration: no state_dict entries, no optimiser parameters.
             object.__setattr__(self, "_reference", copy.deepcopy(model).eval().requires_grad_(False))
         self.model = model
 
-    @classmethod
-    def _vision_name(cls, model: nn.Module) -> str:
-        tower = cls._vision_of(model)
-        return next(name for name, mod in model.named_modules() if mod is tower)
-
     @staticmethod
     def _vision_of(model: nn.Module) -> nn.Module:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         for owner in (base, getattr(base, "model", None)):
             for attr in _VISION_ATTRS:
                 if owner is not None and isinstance(getattr(owner, attr, None), nn.Module):
@@ -166,12 +131,6 @@ class VLMBackbone(nn.Module):
             self._reference._apply(fn, recurse)
         return self
 
-    # ------------------------------------------------------------------ log-probs
-    @staticmethod
-    def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-        base = _unwrap(model)
-        return base.model, base.get_output_embeddings()
-
     def encode_images(self, vision: dict[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
         """Run the image side (vision tower and projector) once on the batch's images.
 
@@ -180,13 +139,13 @@ class VLMBackbone(nn.Module):
         samples of a prompt) and, when :attr:`vision_is_frozen`, between the policy and the reference.
         """
         model = model if model is not None else self.model
-        return encode_images(_unwrap(model), image_side_parameters(_unwrap(model)), vision)
+        return encode_images(unwrap(model), image_side_parameters(unwrap(model)), vision)
 
     @property
     def vision_is_frozen(self) -> bool:
         """Nothing on the image side trains (tower, projector or adapters on them), so the policy and
         the reference compute the same image features."""
-        return not any(p.requires_grad for p in image_side_parameters(_unwrap(self.model)))
+        return not any(p.requires_grad for p in image_side_parameters(unwrap(self.model)))
 
     def hidden_states(
         self,
@@ -211,7 +170,7 @@ class VLMBackbone(nn.Module):
             features: Output of :meth:`encode_images` to reuse instead of running the tower.
         """
         model = model if model is not None else self.model
-        inner, _ = self._parts(model)
+        inner = unwrap(model).model
         if has_images(vision) and (copies > 1 or features is not None):
             if features is None:
                 features = self.encode_images(vision, model)
@@ -237,23 +196,17 @@ class VLMBackbone(nn.Module):
         ``logps_chunk_size`` that are recomputed in backward, so memory is ``chunk x vocab``.
 
         Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T) 1 on real tokens.
-            vision: Whatever the processor returned for the images (passed as ``**vision``).
+            input_ids, attention_mask, vision, model, copies, features: As in :meth:`hidden_states`.
             target_mask: (B, T) bool, True at tokens to score (never position 0).
-            model: Score with this model instead of the policy (used for the reference copy).
-            copies: Sequences sharing each prompt's images (see :meth:`hidden_states`).
-            features: Precomputed image features (see :meth:`encode_images`).
-            entropy: Also return the entropy of the predicted distribution at each target (no
-                gradient), from the same logits.
-            temperature: Score under ``softmax(logits / temperature)``, the distribution that
-                sampling at this temperature draws from (online RL's old, reference and training
-                log-probs all use the rollout's temperature).
+            entropy: Also return the entropy of the predicted distribution at each target (no gradient).
+            temperature: Score under ``softmax(logits / temperature)``, the distribution that sampling at
+                this temperature draws from (online RL's old, reference and training log-probs all use
+                the rollout's temperature).
 
         Returns:
             (B, T) float32 log-probs, 0 where ``target_mask`` is False (and the (B, T) entropies).
         """
-        _, head = self._parts(model if model is not None else self.model)
+        head = unwrap(model if model is not None else self.model).get_output_embeddings()
         hidden = self.hidden_states(input_ids, attention_mask, vision, model, copies, features)  # (B, T, H)
         targets = target_mask[:, 1:].bool()  # position t-1 predicts token t
         h = hidden[:, :-1][targets]  # (N, H)
@@ -261,14 +214,8 @@ class VLMBackbone(nn.Module):
         chunk = max(1, self.config.logps_chunk_size)
         parts, entropies = [], []
         for start in range(0, h.shape[0], chunk):
-            args = (
-                h[start : start + chunk],
-                y[start : start + chunk],
-                head,
-                self.logit_softcap,
-                entropy,
-                temperature,
-            )
+            rows = slice(start, start + chunk)
+            args = (h[rows], y[rows], head, self.logit_softcap, entropy, temperature)
             if torch.is_grad_enabled() and h.requires_grad:
                 logps, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
             else:
@@ -301,11 +248,10 @@ class VLMBackbone(nn.Module):
         """Free the frozen reference copy (once its log-probs are cached). Nothing to free under LoRA."""
         object.__setattr__(self, "_reference", None)
 
-    # ------------------------------------------------------------------ generation
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict[str, Any], **settings: Any
     ) -> torch.Tensor:
-        """Completion ids, (B * num_return_sequences, N): :func:`lightning_vlm.generation.generate` on
+        """Completion ids, (B * num_return_sequences, N): :func:`lightning_vlm.model.generation.generate` on
         the policy (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
         ``num_return_sequences``, ``features``, ``min_new_tokens``). Prompt i's samples are adjacent
         rows and share one prefill of the prompt."""
@@ -335,8 +281,3 @@ def _chunk_logps(
             logp = logits - lse[:, None]
             ent = -(logp.exp() * logp).sum(-1)
     return logits.gather(-1, y[:, None]).squeeze(-1) - lse, ent
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

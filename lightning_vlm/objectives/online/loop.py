@@ -1,0 +1,176 @@
+"""The update loop over a rollout, shared by every online objective (see ``online.base``).
+
+Functions of the objective (an :class:`~lightning_vlm.objectives.online.base.OnlineObjective`):
+its backbone, its ``settings`` (``OnlineSettings``) and its ``policy_loss`` hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_vlm.losses import StepTotals
+from lightning_vlm.model.moe import capture_router_logits, load_balancing_loss, moe_layout
+from lightning_vlm.rollout.rollout import Rollout
+
+# Metrics named in these sections keep their names (PPO's, as TRL and the N+ details paper name them);
+# every other training metric is logged as ``train/<name>``.
+SECTIONS = ("objective/", "policy/", "value/")
+
+
+@dataclass
+class Chunk:
+    """One forward's worth of a rollout, as :meth:`OnlineObjective.policy_loss` sees it. R rows."""
+
+    logps: torch.Tensor  # (R, N) the policy's, with gradient
+    old_logps: torch.Tensor  # (R, N) the sampling policy's (``logps.detach()`` on-policy)
+    ref_logps: torch.Tensor | None  # (R, N) or None
+    advantages: torch.Tensor  # (R,) or (R, N); 0 on dropped samples
+    mask: torch.Tensor  # (R, N) kept completion tokens
+    totals: StepTotals  # what the whole optimiser step divides by
+    rollout: Rollout
+    samples: list[int]  # sample indices of every prompt in this chunk
+    rows: torch.Tensor  # (R,) rollout rows (``rollout.rows_of(samples)``)
+
+
+def chunks(objective, G: int) -> list[list[list[int]]]:
+    """Sample indices per forward, grouped per optimiser step: ``mini_batches`` x ``accumulation``."""
+    s = objective.settings
+    size = G // (s.mini_batches * s.accumulation)
+    parts = [list(range(k, k + size)) for k in range(0, G, size)]
+    return [parts[m * s.accumulation : (m + 1) * s.accumulation] for m in range(s.mini_batches)]
+
+
+@torch.no_grad()
+def logps(objective, rollout: Rollout, model=None) -> torch.Tensor:
+    """(B*G, N) completion log-probs under the policy (or ``model``, the reference), no gradient."""
+    out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
+    for step in chunks(objective, rollout.group_size):
+        for samples in step:
+            out[rollout.rows_of(samples)] = forward(objective, rollout, samples, model)[0]
+    return out
+
+
+def forward(objective, rollout: Rollout, samples: list[int], model=None, entropy: bool = False):
+    """(log-probs (R, N), entropies or None, router aux loss or None) for ``samples`` of every prompt."""
+    bb = objective.backbone
+    seq = rollout.sequences(samples)
+    # The reference shares the policy's image features only when nothing on the image side trains.
+    features = rollout.features if (model is None or bb.vision_is_frozen) else None
+    args = (
+        seq["input_ids"],
+        seq["attention_mask"],
+        seq["vision"],
+        seq["target_mask"],
+        model,
+        seq["copies"],
+        features,
+    )
+    kw = {"entropy": entropy, "temperature": rollout.temperature}
+    aux = None
+    if objective.settings.router_aux_coef and model is None and torch.is_grad_enabled():
+        with capture_router_logits(bb.model) as router_logits:
+            out = bb.token_logps(*args, **kw)
+        layout = moe_layout(bb.model)
+        if layout is None:
+            raise ValueError("model.loop.router_aux_coef > 0 needs a Mixture-of-Experts backbone")
+        experts, top_k = layout
+        aux = load_balancing_loss(router_logits, experts, top_k, seq["attention_mask"])
+    else:
+        out = bb.token_logps(*args, **kw)
+    lp, ent = out if entropy else (out, None)
+    P = seq["prompt_length"]
+    return lp[:, P:], (ent[:, P:] if ent is not None else None), aux
+
+
+def train(objective, rollouts: list[Rollout]) -> None:
+    """``num_iterations`` passes over the rollouts; each pass takes ``mini_batches`` optimiser steps."""
+    m, s = objective, objective.settings
+    opt, sched = m.optimizers(), m.lr_schedulers()
+    history: dict[str, list[torch.Tensor]] = {}
+    for _ in range(s.num_iterations):
+        for step in chunks(m, rollouts[0].group_size):
+            totals = step_totals(m, rollouts, step)
+            # The step's aux loss is the mean over the forwards that run (chunks with kept samples).
+            forwards = sum(bool(r.keep[r.rows_of(c)].any()) for r in rollouts for c in step)
+            losses = []
+            for r in rollouts:
+                for samples in step:
+                    loss, metrics = chunk_loss(m, r, samples, totals, forwards)
+                    if loss is not None:
+                        m.manual_backward(loss)
+                        losses.append(loss.detach())
+                    for k, v in metrics.items():
+                        history.setdefault(k, []).append(v)
+            step_loss = torch.stack(losses).sum() if losses else torch.zeros((), device=m.device)
+            history.setdefault("loss", []).append(step_loss)
+            if m.guard(step_loss) is not None and losses:
+                if s.max_grad_norm:
+                    m.clip_gradients(opt, gradient_clip_val=s.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+            opt.zero_grad()
+            if sched is not None:
+                sched.step()
+    batch_size = rollouts[0].num_prompts
+    for key, values in history.items():
+        m.log(
+            key if key.startswith(SECTIONS) else f"train/{key}",
+            torch.stack(values).float().mean(),
+            on_step=True,
+            batch_size=batch_size,
+            prog_bar=key == "loss",
+        )
+
+
+def step_totals(objective, rollouts: list[Rollout], step: list[list[int]]) -> StepTotals:
+    """Kept tokens and kept sequences of one optimiser step over every rank, per rank (DDP averages
+    the ranks' gradients, so each rank divides by the global total over the world size)."""
+    device = rollouts[0].rewards.device
+    tokens, sequences = torch.zeros((), device=device), torch.zeros((), device=device)
+    for r in rollouts:
+        for samples in step:
+            rows = r.rows_of(samples)
+            keep = r.keep[rows].float()
+            tokens += (r.completion_mask[rows].sum(1) * keep).sum()
+            sequences += keep.sum()
+    trainer, world = objective._trainer, _world(objective)
+    if world > 1:
+        tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+        sequences = trainer.strategy.reduce(sequences, reduce_op="sum")
+    return StepTotals(tokens=tokens.clamp(min=1.0) / world, sequences=sequences.clamp(min=1.0) / world)
+
+
+def chunk_loss(objective, r: Rollout, samples: list[int], totals: StepTotals, forwards: int):
+    rows = r.rows_of(samples)
+    keep = r.keep[rows]
+    if not keep.any() and _world(objective) == 1:  # with several ranks, every rank runs every forward
+        return None, {}
+    with torch.set_grad_enabled(not r.policy_frozen):  # frozen: no policy graph, no router loss
+        lp, ent, aux = forward(objective, r, samples, entropy=True)
+    mask = r.completion_mask[rows] * keep[:, None]  # (R, N)
+    assert r.advantages is not None, "on_rollout computes the advantages"
+    adv = r.advantages[rows]  # (R,) or, for per-token advantages, (R, N)
+    chunk = Chunk(
+        logps=lp,
+        old_logps=r.old_logps[rows] if r.old_logps is not None else lp.detach(),
+        ref_logps=r.ref_logps[rows] if r.ref_logps is not None else None,
+        advantages=adv * keep.view(-1, *[1] * (adv.dim() - 1)),
+        mask=mask,
+        totals=totals,
+        rollout=r,
+        samples=samples,
+        rows=rows,
+    )
+    loss, metrics = objective.policy_loss(chunk)
+    tokens = mask.sum().clamp(min=1.0)
+    metrics = {**metrics, "policy/entropy": (ent * mask).sum() / tokens}
+    if aux is not None and keep.any() and forwards:  # chunks without kept samples add no aux
+        metrics["router_aux_loss"] = aux.detach()
+        loss = loss + objective.settings.router_aux_coef * aux / forwards
+    return loss, metrics
+
+
+def _world(objective) -> int:
+    trainer = objective._trainer
+    return trainer.world_size if trainer is not None else 1
