@@ -62,8 +62,8 @@ def rm_folder(tmp_path_factory):
     import torch
 
     from lightning_vlm import BackboneConfig, TinyVLM
+    from lightning_vlm.model.processing import save_processor
     from lightning_vlm.objectives import RewardModel
-    from lightning_vlm.processing import save_processor
 
     torch.manual_seed(1)
     rm = RewardModel(BackboneConfig(tiny=TinyVLM(family="qwen2_vl")))
@@ -76,3 +76,32 @@ def rm_folder(tmp_path_factory):
     save_processor(rm.backbone.processor, folder)
     rm.save_extra(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def grpo_run(synthetic_dir, tmp_path_factory):
+    """One GRPO step (frozen tower, beta 0, one optimiser step per rollout, G=4, B=2) with every sample
+    tabled and every vision-tower and language-model call counted. Shared by the counting, table and
+    validation tests (tests/objectives/online, tests/rollout); the validation test validates the module
+    afterwards."""
+    from tests.helpers.online import (
+        B,
+        Batches,
+        G,
+        Spy,
+        build,
+        count_calls,
+        even_prompts,
+        fit,
+        rollout_callback,
+        token_reward,
+    )
+
+    module = build(lr=1e-3)
+    calls = count_calls(module)
+    spy, batches = Spy(), Batches()
+    root = tmp_path_factory.mktemp("grpo_run")
+    callback = rollout_callback(rewards=(token_reward, even_prompts), table_every_n_steps=1, table_rows=B * G)
+    fit(module, synthetic_dir, [callback, batches, spy], default_root_dir=str(root))
+    return {"module": module, "calls": {k: list(v) for k, v in calls.items()}, "spy": spy, "batches": batches,
+            "root": root, "callback": callback}  # fmt: skip

@@ -34,7 +34,7 @@ def _fit(tmp: Path, recipe: str, data: str, config: str, batch_size: int, extra:
         "report_held_out": False,
         "trainer": {"max_steps": 3, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "default_root_dir": str(out), "num_sanity_val_steps": 0,
-                    "callbacks": [{"class_path": "lightning_vlm.callbacks.ExportHF",
+                    "callbacks": [{"class_path": "lightning_vlm.export.ExportHF",
                                    "init_args": {"dirpath": str(out / "hf")}}]},
         "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}}}},
         "data": {"init_args": {"synthetic": None, "train": str(data / f"{recipe.split('-')[0]}_train.jsonl"), "val": None,
@@ -71,7 +71,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 GRPO = {
-    "model": {"class_path": "lightning_vlm.objectives.GRPO", "beta": 0.04, "norm": "dapo", "mini_batches": 2},
+    "model": {"class_path": "lightning_vlm.objectives.GRPO", "beta": 0.04, "norm": "dapo", "loop": {"mini_batches": 2}},
     "trainer": {"max_steps": 4, "callbacks": [
         {"class_path": "lightning_vlm.rollout.RolloutCallback",
          "init_args": {"num_generations": 4, "max_new_tokens": 4, "table_every_n_steps": 0, "per_prompt_seeds": True,
@@ -122,9 +122,11 @@ def test_two_processes_reach_the_single_process_weights(recipe, config, single, 
     runs draw the same completions."""
     distributed = _weights(_fit(tmp_path, recipe, synthetic_dir, config, 2, _extra(recipe)))
     reference = single(recipe)
-    from lightning_vlm.tiny import TinyVLM, ensure_tiny_vlm
+    from lightning_vlm.model.tiny import TinyVLM, ensure_tiny_vlm
 
-    start = _weights(ensure_tiny_vlm(TinyVLM(**(TIED if recipe == "prompt-tied" else {"family": "qwen2_vl"}))))
+    start = _weights(
+        ensure_tiny_vlm(TinyVLM(**(TIED if recipe == "prompt-tied" else {"family": "qwen2_vl"})))
+    )
     assert distributed.keys() == reference.keys()
     moved = max(float((reference[k] - start[k]).abs().max()) for k in reference)
     diff = max(float((distributed[k] - reference[k]).abs().max()) for k in distributed)
@@ -134,14 +136,18 @@ def test_two_processes_reach_the_single_process_weights(recipe, config, single, 
 
 
 @pytest.mark.parametrize("config", ["ddp_cpu", "fsdp_cpu"], ids=["ddp", "fsdp2"])
-def test_online_objectives_run_on_two_processes_and_write_sample_tables(config, tmp_path, synthetic_dir, rm_folder):
-    """GSPO and PPO (with its critic) on 2 CPU processes from the CLI, a sample table every rollout."""
-    rollout = {"class_path": "lightning_vlm.rollout.RolloutCallback",
-               "init_args": {"num_generations": 2, "max_new_tokens": 4, "table_every_n_steps": 1}}  # fmt: skip
+def test_online_objectives_run_on_two_processes_and_write_sample_tables(
+    config, tmp_path, synthetic_dir, rm_folder
+):
+    """GSPO and PPO (with its critic) on 2 CPU processes from the CLI, a sample table every rollout;
+    PPO's held-out check also samples (its recipe's eval_sampling) and scores the KL to the reference."""
     for recipe, model in [
         ("tiny_qwen2vl_gspo.yaml", {}),
         ("tiny_qwen2vl_ppo.yaml", {"critic": {"model_name_or_path": str(rm_folder)}}),
     ]:
+        rollout = {"class_path": "lightning_vlm.rollout.RolloutCallback",
+                   "init_args": {"num_generations": 2, "max_new_tokens": 4, "table_every_n_steps": 1,
+                                 "eval_sampling": "ppo" in recipe}}  # fmt: skip
         out = tmp_path / recipe.removesuffix(".yaml")
         override = {
             "report_held_out": False,
@@ -149,13 +155,13 @@ def test_online_objectives_run_on_two_processes_and_write_sample_tables(config, 
                         "enable_checkpointing": False, "enable_progress_bar": False, "default_root_dir": str(out),
                         "callbacks": [rollout]},
             "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}},
-                                    "mini_batches": 2, **model}},
+                                    "loop": {"mini_batches": 2}, **model}},
             "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "prompt_train.jsonl"),
                                    "val": str(synthetic_dir / "prompt_val.jsonl"), "batch_size": 2,
                                    "eval_batch_size": 2, "num_workers": 0}},
         }  # fmt: skip
         if "ppo" in recipe:
-            override["model"]["init_args"]["num_iterations"] = 1
+            override["model"]["init_args"]["loop"]["num_iterations"] = 1
         path = tmp_path / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(override))
         cmd = [str(CLI), "fit", "--config", str(ROOT / "zoo" / recipe), "--config",
@@ -177,7 +183,7 @@ def test_fsdp2_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, synthet
                         "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                        "init_args": {"dirpath": str(tmp_path / name / "ckpt"),
                                                      "every_n_train_steps": 2, "save_top_k": -1}},
-                                      {"class_path": "lightning_vlm.callbacks.ExportHF",
+                                      {"class_path": "lightning_vlm.export.ExportHF",
                                        "init_args": {"dirpath": str(tmp_path / name / "hf")}}]},
             "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}},
                                     "lr": 3e-4, "warmup_steps": 0}},

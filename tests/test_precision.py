@@ -14,7 +14,11 @@ from lightning_vlm.cli import VLMCLI
 from lightning_vlm.rollout import RolloutCallback
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"sft": "tiny_qwen2vl_sft.yaml", "pref": "tiny_qwen2vl_dpo.yaml", "prompt": "tiny_qwen2vl_gspo.yaml"}
+RECIPES = {
+    "sft": "tiny_qwen2vl_sft.yaml",
+    "pref": "tiny_qwen2vl_dpo.yaml",
+    "prompt": "tiny_qwen2vl_gspo.yaml",
+}
 
 
 def varied(prompts, completions, completion_ids, **row):
@@ -47,7 +51,7 @@ def test_bf16_trains(recipe, precision, tmp_path, synthetic_dir):
     }  # fmt: skip
     if recipe == "prompt":
         override["model"]["class_path"] = "lightning_vlm.objectives.GRPO"
-        override["model"]["init_args"].update(beta=0.04, num_iterations=2, mini_batches=1)
+        override["model"]["init_args"].update(beta=0.04, loop={"num_iterations": 2, "mini_batches": 1})
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(override))
     cli = VLMCLI(args=["--config", str(ROOT / "zoo" / RECIPES[recipe]), "--config", str(path)], run=False)
@@ -68,7 +72,7 @@ def test_bf16_trains(recipe, precision, tmp_path, synthetic_dir):
 def test_logps_take_the_log_softmax_in_float32_over_bf16_logits():
     """Every log-prob goes through ``_chunk_logps``: with bf16 weights and hidden states, the log-softmax
     runs on the logits cast to float32, which differs measurably from a bf16 log-softmax."""
-    from lightning_vlm.backbone import _chunk_logps
+    from lightning_vlm.model.backbone import _chunk_logps
 
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 1000, bias=False).to(torch.bfloat16)

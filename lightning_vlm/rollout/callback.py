@@ -89,6 +89,7 @@ class RolloutCallback(L.Callback):
         self.eval_sampling_settings = SamplingSettings(eval_max_new_tokens or max_new_tokens, do_sample=False)
         self.eval_sampling = eval_sampling
         self.engine = engine if engine is not None else HFEngine()
+        self._bound = None
         self.rewards: list[RewardFn] = list(rewards) if rewards else [accuracy]
         self.reward_weights = reward_weights
         if reward_weights is not None and len(reward_weights) != len(self.rewards):
@@ -110,7 +111,6 @@ class RolloutCallback(L.Callback):
                 f"RolloutCallback: {type(pl_module).__name__} is not an online objective (it has no "
                 "on_rollout hook; GRPO, GSPO, RLOO and PPO do)"
             )
-        self.engine.setup(pl_module.backbone)
 
     def on_train_batch_start(self, trainer, pl_module, batch: dict, batch_idx: int) -> None:
         rollouts = [self.sample(pl_module, batch)]
@@ -168,6 +168,9 @@ class RolloutCallback(L.Callback):
         greedy answer when ``sampling.do_sample`` is False. ``seed``: sample with this seed instead of
         the rollout's (held-out sampling that is the same at every check)."""
         bb = pl_module.backbone
+        if self._bound is not bb:  # the engine binds once per backbone, also outside a Trainer
+            self.engine.setup(bb)
+            self._bound = bb
         sampling = sampling or self.sampling
         G = self.G if sampling.do_sample else 1
         ids, mask, vision = batch["input_ids"], batch["attention_mask"], batch["vision"]

@@ -316,13 +316,16 @@ def test_overlong_prompts_are_dropped_and_counted(processor, synthetic_dir):
 def test_system_prompt_goes_before_prompts_without_one(processor, tmp_path):
     image = _image(tmp_path, "a.png", "red")
     own = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *_user(None, "Colour?")]
-    path = _write(tmp_path / "p.jsonl", [
-        {"images": [image], "prompt": _user(None, "Colour?")},
-        {"images": [image], "prompt": own},
-    ])
+    path = _write(
+        tmp_path / "p.jsonl",
+        [{"images": [image], "prompt": _user(None, "Colour?")}, {"images": [image], "prompt": own}],
+    )
     batch = _first(_dm(processor, path, system_prompt="Answer in <answer></answer> tags."))
     first, second = batch["prompts"]
-    assert first[0] == {"role": "system", "content": [{"type": "text", "text": "Answer in <answer></answer> tags."}]}
+    assert first[0] == {
+        "role": "system",
+        "content": [{"type": "text", "text": "Answer in <answer></answer> tags."}],
+    }
     assert first[1:] == _user(None, "Colour?")
     assert second == own  # a prompt's own system message is kept, not doubled
     text = processor.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM, VLMBackbone
 from lightning_vlm.data.collate import encode, render
-from lightning_vlm.moe import capture_router_logits, load_balancing_loss, moe_layout
+from lightning_vlm.model.moe import capture_router_logits, load_balancing_loss, moe_layout
 
 MOE = TinyVLM(family="qwen3_vl_moe")
 PA = [0.4, 0.3, 0.2, 0.1]  # top-2: experts 0, 1

@@ -8,9 +8,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_vlm import BackboneConfig, TinyVLM
 from lightning_vlm.data import PromptDataModule
+from lightning_vlm.model.tiny import ensure_tiny_vlm
 from lightning_vlm.objectives import GRPO
+from lightning_vlm.objectives.online import OnlineSettings
 from lightning_vlm.rollout import RolloutCallback
-from lightning_vlm.tiny import ensure_tiny_vlm
+from tests.helpers.online import Spy
 
 
 def _even_tokens(prompts, completions, completion_ids, **row):
@@ -19,14 +21,9 @@ def _even_tokens(prompts, completions, completion_ids, **row):
 
 def _fit(tmp, synthetic_dir, max_steps: int, ckpt_path=None):
     L.seed_everything(0)
-    model = GRPO(BackboneConfig(tiny=TinyVLM()), lr=1e-3, mini_batches=2)
+    model = GRPO(BackboneConfig(tiny=TinyVLM()), lr=1e-3, loop=OnlineSettings(mini_batches=2))
     data = PromptDataModule(train=str(synthetic_dir / "prompt_train.jsonl"), batch_size=2)
-    seen: list[torch.Tensor] = []
-
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append(batch["rollouts"][0].completion_ids.clone())
-
+    record = Spy()  # every rollout the objective receives
     trainer = L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -35,20 +32,24 @@ def _fit(tmp, synthetic_dir, max_steps: int, ckpt_path=None):
         enable_model_summary=False,
         default_root_dir=tmp,
         callbacks=[
-            RolloutCallback(num_generations=4, max_new_tokens=4, rewards=[_even_tokens], table_every_n_steps=0),
-            Record(),
+            RolloutCallback(
+                num_generations=4, max_new_tokens=4, rewards=[_even_tokens], table_every_n_steps=0
+            ),
+            record,
             ModelCheckpoint(dirpath=tmp / "ckpt", save_last=True, every_n_train_steps=2),
         ],
     )
     trainer.fit(model, data, ckpt_path=ckpt_path)
-    return model, seen
+    return model, [r.completion_ids for (r,) in record.rollouts]
 
 
 def test_resumed_run_samples_and_ends_like_the_uninterrupted_one(tmp_path, synthetic_dir):
-    ensure_tiny_vlm(TinyVLM())  # built before the runs, so that building it draws no random numbers in one of them
+    ensure_tiny_vlm(TinyVLM())  # built before the runs: building it draws no random numbers in one of them
     full, full_seen = _fit(tmp_path / "full", synthetic_dir, max_steps=6)  # 3 rollouts x 2 optimiser steps
     _, first_seen = _fit(tmp_path / "cut", synthetic_dir, max_steps=2)
-    resumed, resumed_seen = _fit(tmp_path / "cut", synthetic_dir, max_steps=6, ckpt_path=tmp_path / "cut" / "ckpt" / "last.ckpt")
+    resumed, resumed_seen = _fit(
+        tmp_path / "cut", synthetic_dir, max_steps=6, ckpt_path=tmp_path / "cut" / "ckpt" / "last.ckpt"
+    )
     assert len(full_seen) == 3 and len(first_seen) == 1 and len(resumed_seen) == 2
     for k, (got, want) in enumerate(zip(first_seen + resumed_seen, full_seen, strict=True)):
         assert torch.equal(got, want), f"rollout {k}"  # the same completions were sampled

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lightning_vlm.rewards import (
+from lightning_vlm.rollout.rewards import (
     LengthPenalty,
     OverlongPenalty,
     accuracy,
@@ -187,11 +187,11 @@ def test_reward_config_parses_functions_and_callable_classes():
     config = """
 rollout:
   rewards:
-    - lightning_vlm.rewards.accuracy
-    - class_path: lightning_vlm.rewards.OverlongPenalty
+    - lightning_vlm.rollout.rewards.accuracy
+    - class_path: lightning_vlm.rollout.rewards.OverlongPenalty
       init_args: {max_length: 64, cache: 16}
-    - class_path: lightning_vlm.rewards.LengthPenalty
-    - class_path: lightning_vlm.rewards.RewardModelReward
+    - class_path: lightning_vlm.rollout.rewards.LengthPenalty
+    - class_path: lightning_vlm.objectives.RewardModelReward
       init_args: {path: runs/rm/hf, batch_size: 4}
 """
     rewards = parser.instantiate(parser.parse_string(config)).rollout.rewards

@@ -46,6 +46,8 @@ class GSPO(OnlineObjective):
             **kwargs: ``loop`` (the shared update loop: ``OnlineSettings``) and the optimisation
                 settings of :class:`VLMObjective` (lr, schedule, ...).
         """
+        if scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"model.scale_rewards must be group, batch or none; got {scale_rewards!r}")
         super().__init__(backbone, **kwargs)
 
     def needs(self) -> RolloutNeeds:

@@ -13,9 +13,11 @@ from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM
 from lightning_vlm.data import PromptDataModule
 from lightning_vlm.data.prompt import PromptCollator
 from lightning_vlm.losses import ppo_losses
-from lightning_vlm.objectives import GRPO, PPO, RewardModel
+from lightning_vlm.model.tiny import ensure_tiny_vlm
+from lightning_vlm.objectives import PPO, RewardModel
+from lightning_vlm.objectives.online import Chunk, OnlineSettings, RolloutNeeds, loop
 from lightning_vlm.rollout import RolloutCallback
-from lightning_vlm.tiny import ensure_tiny_vlm
+from tests.helpers.online import Spy, bind
 
 B, G, NEW = 2, 2, 4
 
@@ -24,8 +26,11 @@ def token_reward(prompts, completions, completion_ids, **row):
     return [float(sum((i + 1) * t for i, t in enumerate(ids)) % 13) / 13 for ids in completion_ids]
 
 
-def _module(rm_folder, lora=None, **kw) -> PPO:
+def _module(rm_folder, lora=None, loop=None, **kw) -> PPO:
+    """A tiny PPO whose critic is the reward model export; ``loop``: keyword arguments of OnlineSettings."""
     torch.manual_seed(0)
+    if loop is not None:
+        kw["loop"] = OnlineSettings(**loop)
     module = PPO(
         BackboneConfig(tiny=TinyVLM(family="qwen2_vl"), lora=lora),
         critic=BackboneConfig(model_name_or_path=str(rm_folder)),
@@ -61,23 +66,13 @@ def _fit(module, synthetic_dir, callbacks, steps, **trainer) -> L.Trainer:
     return t
 
 
-class Spy(L.Callback):
-    def __init__(self):
-        self.rollouts = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.rollouts.append(batch["rollouts"][0])
-
-
 def _rollout(module, synthetic_dir, callback=None):
-    """A rollout as the callback prepares it: old and reference log-probs, then advantages."""
-    r = (callback or _callback()).rollout(module, _batch(module, synthetic_dir))
-    r.old_logps = module.online.logps(r)
-    if module.need_reference:
-        with module.backbone.reference() as ref:
-            r.ref_logps = module.online.logps(r, model=ref)
-    r.advantages = module.online.advantages(r)
-    return r
+    """A rollout as PPO trains on it: sampled and scored by the callback, then given its old and reference
+    log-probs and advantages (values, returns) by PPO's ``on_rollout``."""
+    r = bind(callback or _callback(), module).sample(module, _batch(module, synthetic_dir))
+    module.on_rollout([r], "train")
+    (taken,) = module._rollouts.pop("train")
+    return taken
 
 
 @torch.no_grad()
@@ -93,7 +88,8 @@ def test_critic_values_start_as_the_reward_models_scores_of_the_partial_completi
     """V(s_t), the value of the state before completion token t, is at initialisation the reward model's
     score of the prompt followed by the first t completion tokens (read at their last token)."""
     module = _module(rm_folder)
-    r = _callback(num_generations=2, min_new_tokens=NEW).rollout(module, _batch(module, synthetic_dir, n=1))
+    callback = bind(_callback(num_generations=2, min_new_tokens=NEW), module)
+    r = callback.sample(module, _batch(module, synthetic_dir, n=1))
     rm = RewardModel.from_pretrained(str(rm_folder))
     values = module.values(r, [0, 1]).detach()  # (2, N)
     seq = r.sequences([0, 1])
@@ -211,10 +207,12 @@ def test_policy_loss_is_ppo_losses_on_the_critics_values(rm_folder, synthetic_di
     r = _rollout(module, synthetic_dir)
     samples = [1]
     rows = r.rows_of(samples)
-    logps, _, _ = module.online.forward(r, samples)
+    logps, _, _ = loop.forward(module, r, samples)
     mask = r.completion_mask[rows].float()
     old = r.old_logps[rows] - 0.3 * mask  # ratios away from 1, so the clipping matters
-    loss, metrics = module.policy_loss(logps, old, r.advantages[rows], mask, None, r, samples)
+    chunk = Chunk(logps=logps, old_logps=old, ref_logps=r.ref_logps[rows], advantages=r.advantages[rows],
+                  mask=mask, totals=None, rollout=r, samples=samples, rows=rows)  # fmt: skip
+    loss, metrics = module.policy_loss(chunk)
     seq = r.sequences(samples)
     values = module.critic.values(seq)  # the image encoded anew: no shared features
     ref_loss, _ = ppo_losses(logps, old, r.advantages[rows], values, r.extra["values"][rows],
@@ -227,16 +225,19 @@ def test_policy_loss_is_ppo_losses_on_the_critics_values(rm_folder, synthetic_di
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4, dropout=0.0)], ids=["full", "lora"])
 def test_training_moves_policy_and_critic_only_and_keeps_the_reference(lora, rm_folder, synthetic_dir):
-    module = _module(rm_folder, lora=lora, lr=1e-3, critic_lr=1e-3, num_iterations=2)
+    module = _module(rm_folder, lora=lora, lr=1e-3, critic_lr=1e-3, loop={"num_iterations": 2})
     bb = module.backbone
     fixed = _rollout(module, synthetic_dir)
     with bb.reference() as ref:
-        ref_before = module.online.logps(fixed, model=ref)
+        ref_before = loop.logps(module, fixed, model=ref)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     ref_weights = {n: p.detach().clone() for n, p in bb._reference.named_parameters()} if lora is None else {}
     spy = Spy()
     trainer = _fit(module, synthetic_dir, [_callback(), spy], steps=2)  # 1 rollout, 2 PPO epochs
-    assert len(spy.rollouts) == 1
+    assert (
+        len(spy.rollouts) == 1
+        and spy.rollouts[0][0].advantages.shape == spy.rollouts[0][0].completion_ids.shape
+    )
     frozen_towers = {id(p) for p in bb.vision_tower.parameters()} | {
         id(p) for p in module.critic.backbone.vision_tower.parameters()
     }
@@ -250,22 +251,24 @@ def test_training_moves_policy_and_critic_only_and_keeps_the_reference(lora, rm_
     if lora is None:
         assert all(torch.equal(p, ref_weights[n]) for n, p in bb._reference.named_parameters())
     with bb.reference() as ref:
-        assert torch.allclose(module.online.logps(fixed, model=ref), ref_before, atol=1e-6)
+        assert torch.allclose(loop.logps(module, fixed, model=ref), ref_before, atol=1e-6)
     m = trainer.callback_metrics
     for key in ("objective/kl", "objective/scores", "objective/non_score_reward", "objective/rlhf_reward",
                 "policy/entropy", "policy/clipfrac", "policy/approxkl", "value/loss", "value/clipfrac",
                 "value/explained_variance", "train/loss"):  # fmt: skip
         assert key in m and math.isfinite(float(m[key])), key
-    assert float(m["objective/scores"]) == pytest.approx(float(spy.rollouts[0].rewards.mean()), abs=1e-6)
+    assert float(m["objective/scores"]) == pytest.approx(float(spy.rollouts[0][0].rewards.mean()), abs=1e-6)
 
 
 def test_critic_warmup_rollouts_leave_the_policy_fixed(rm_folder, synthetic_dir):
-    module = _module(rm_folder, lr=1e-3, critic_lr=1e-3, num_iterations=1, critic_warmup_rollouts=1)
+    module = _module(rm_folder, lr=1e-3, critic_lr=1e-3, loop={"num_iterations": 1}, critic_warmup_rollouts=1)
     snapshots = []
 
     class Snap(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            snapshots.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad})
+            snapshots.append(
+                {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            )
 
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     _fit(module, synthetic_dir, [_callback(), Snap()], steps=2)  # two rollouts, one step each
@@ -278,26 +281,34 @@ def test_critic_warmup_rollouts_leave_the_policy_fixed(rm_folder, synthetic_dir)
 
 
 def test_one_sample_per_prompt_and_no_reference_without_kl(rm_folder, synthetic_dir):
-    module = _module(rm_folder, kl_coef=0.0, num_iterations=1)
-    assert module.backbone._reference is None and module.online.needs() == {
-        "old_logps": True,
-        "ref_logps": False,
-    }
+    module = _module(rm_folder, kl_coef=0.0, loop={"num_iterations": 1})
+    assert module.backbone._reference is None
+    assert module.needs() == RolloutNeeds(reference=False, old_policy=True, min_group_size=1)
     spy = Spy()
     trainer = _fit(module, synthetic_dir, [_callback(num_generations=1), spy], steps=1)
-    (r,) = spy.rollouts
+    ((r,),) = spy.rollouts
     assert r.ref_logps is None and r.completion_ids.shape[0] == B
+    assert r.old_logps is not None  # on-policy, but the KL-shaped reward is taken under the sampler
     assert math.isfinite(float(trainer.callback_metrics["policy/clipfrac"]))  # the update ran
 
 
 def test_held_out_validation_logs_greedy_and_sampled_scores_and_kl(rm_folder, synthetic_dir):
     module = _module(rm_folder)
     _perturb(module.backbone.model)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1,
-                        callbacks=[_callback()])  # fmt: skip
-    (first,) = trainer.validate(module, _dm(synthetic_dir), verbose=False)
-    (second,) = trainer.validate(module, _dm(synthetic_dir), verbose=False)
+
+    def validate(**kw):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1,
+                            callbacks=[_callback(**kw)])  # fmt: skip
+        (metrics,) = trainer.validate(module, _dm(synthetic_dir), verbose=False)
+        return metrics
+
+    greedy_only = validate()
+    assert "val/reward" in greedy_only and not {"val/score", "val/kl"} & set(
+        greedy_only
+    )  # no held-out samples
+    first, second = validate(eval_sampling=True), validate(eval_sampling=True)
     assert {"val/reward", "val/score", "val/kl"} <= set(first)
+    assert first["val/reward"] == greedy_only["val/reward"]
     assert first == second  # the held-out draw is seeded: every check sees the same samples
     assert first["val/kl"] > 0  # the perturbed policy differs from its reference
 
@@ -315,16 +326,23 @@ def test_bad_settings_fail_clearly(rm_folder, synthetic_dir, tmp_path):
             critic=BackboneConfig(model_name_or_path=str(rm_folder)),
         )
     with pytest.raises(ValueError, match="its tokenizer differs from the policy's"):
-        PPO(BackboneConfig(tiny=TinyVLM(vocab_size=400)), critic=BackboneConfig(model_name_or_path=str(rm_folder)))
+        PPO(
+            BackboneConfig(tiny=TinyVLM(vocab_size=400)),
+            critic=BackboneConfig(model_name_or_path=str(rm_folder)),
+        )
     with pytest.raises(ValueError, match="kl_target needs kl_target > 0"):
         _module(rm_folder, kl_target=0.0)
     with pytest.raises(ValueError, match="model.kl must be k1 or k3"):
         _module(rm_folder, kl="k2")
     with pytest.raises(ValueError, match="num_generations must be at least 1"):
         RolloutCallback(num_generations=0)
-    with pytest.raises(ValueError, match=r"dynamic_sampling .* \(GRPO, GSPO\).* got PPO with num_generations 2"):
+    with pytest.raises(
+        ValueError, match=r"rollout.dynamic_sampling drops groups .*: PPO learns from every sample"
+    ):
         _fit(_module(rm_folder), synthetic_dir, [_callback(dynamic_sampling=True)], steps=1)
-    grpo = GRPO(BackboneConfig(tiny=TinyVLM()))
-    grpo.configure_model()
-    with pytest.raises(ValueError, match="num_generations must be at least 2 for GRPO"):
-        _fit(grpo, synthetic_dir, [_callback(num_generations=1)], steps=1)
+    with pytest.raises(
+        ValueError, match=r"rollout.num_generations \(2\) must be divisible by model.loop.mini_batches"
+    ):
+        _fit(_module(rm_folder, loop={"mini_batches": 4}), synthetic_dir, [_callback()], steps=1)
+    with pytest.raises(RuntimeError, match="PPO got no rollout for this train batch"):
+        _fit(_module(rm_folder), synthetic_dir, [], steps=1)

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from lightning_vlm import BackboneConfig, TinyVLM
-from lightning_vlm.callbacks import ExportHF
 from lightning_vlm.data.preference import PreferenceCollator
 from lightning_vlm.data.prompt import PromptCollator
 from lightning_vlm.data.rows import BASE, ROW
-from lightning_vlm.objectives import RewardModel
-from lightning_vlm.rewards import RewardModelReward, combine
+from lightning_vlm.export import ExportHF
+from lightning_vlm.objectives import RewardModel, RewardModelReward
+from lightning_vlm.rollout.rewards import combine
 
 COMPLETIONS = ["2", "there are three shapes", "<think>one, two</think><answer>2</answer>", "first"]
 

@@ -1,0 +1,121 @@
+"""The datamodule base: the processor comes from the trainer's backbone, and images stored as bytes
+(save_to_disk, parquet, the datasets Image feature) collate like image paths."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from lightning_vlm.data import SFTDataModule
+from tests.helpers.sft_data import assistant, datamodule, draw, one_batch, user, write_jsonl
+
+# ---------------------------------------------------------------------- the processor hand-off
+
+
+class Recorder(L.LightningModule):
+    def __init__(self, backbone=None):
+        super().__init__()
+        if backbone is not None:
+            self.backbone = backbone
+        self.seen: list[list[int]] = []
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append(list(batch["rows"]))
+
+
+def quiet_trainer() -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+@pytest.fixture
+def small_file(tmp_path):
+    name = draw(tmp_path / "img" / "a.png", (64, 64), (220, 30, 30))
+    rows = [{"images": [name], "messages": [user("What colour is the shape?", 1), assistant("red")]}] * 3
+    return write_jsonl(tmp_path / "s.jsonl", rows)
+
+
+def test_processor_comes_from_the_trainers_backbone(backbone, small_file):
+    dm = SFTDataModule(train=small_file, val=small_file, batch_size=2)
+    assert dm.processor is None
+    module = Recorder(backbone)
+    quiet_trainer().validate(module, datamodule=dm)
+    assert dm.processor is backbone.processor
+    assert module.seen == [[0, 1], [2]]
+
+
+def test_no_processor_and_no_trainer_is_a_clear_error(small_file):
+    dm = SFTDataModule(train=small_file, val=small_file)
+    with pytest.raises(RuntimeError, match="needs a processor"):
+        dm.setup("fit")
+    assert dm.datasets == {}
+
+
+def test_trainer_module_without_backbone_is_a_clear_error(small_file):
+    dm = SFTDataModule(train=small_file, val=small_file)
+    with pytest.raises(RuntimeError, match="needs a processor"):
+        quiet_trainer().validate(Recorder(), datamodule=dm)
+
+
+# ---------------------------------------------------------------------- images as bytes
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("form", ["save_to_disk", "parquet", "image_feature"])
+def test_images_as_bytes_collate_like_paths(processor, tmp_path, form):
+    img = tmp_path / "img"
+    names = [
+        draw(img / "a.png", (64, 64), (220, 30, 30)),
+        draw(img / "b.png", (112, 80), (30, 70, 220)),
+        draw(img / "c.png", (80, 96), (30, 160, 50)),
+    ]
+    layout = [
+        ([0], [user("What colour is the shape?", 1), assistant("red")]),
+        ([1, 2], [user("Which image shows the green shape?", 2), assistant("second")]),
+        ([2], [user("How many?"), assistant("1"), user("What colour?", 1), assistant("green")]),
+    ]
+    path_rows = [{"images": [names[i] for i in idx], "messages": m} for idx, m in layout]
+    reference = write_jsonl(tmp_path / "paths.jsonl", path_rows)
+    pictures = [Image.open(tmp_path / n).convert("RGB") for n in names]
+    if form == "image_feature":  # datasets' Image feature: rows come back as PIL images
+        byte_rows = [{"images": [pictures[i] for i in idx], "messages": m} for idx, m in layout]
+    else:
+        byte_rows = [
+            {"images": [{"bytes": png_bytes(pictures[i]), "path": None} for i in idx], "messages": m}
+            for idx, m in layout
+        ]
+    ds = datasets.Dataset.from_list(byte_rows)
+    if form == "parquet":
+        source = str(tmp_path / "bytes.parquet")
+        ds.to_parquet(source)
+    else:
+        source = str(tmp_path / "bytes_dataset")
+        ds.save_to_disk(source)
+    n = len(layout)
+    want = one_batch(datamodule(processor, reference, val=reference, eval_batch_size=n), "val")
+    got = one_batch(datamodule(processor, source, val=source, eval_batch_size=n), "val")
+    assert got["rows"] == want["rows"] == [0, 1, 2]
+    for key in ("input_ids", "attention_mask", "labels_mask"):
+        assert torch.equal(got[key], want[key]), key
+    assert set(got["vision"]) == set(want["vision"])
+    for key in want["vision"]:
+        assert torch.equal(got["vision"][key], want["vision"][key]), key
+    assert torch.equal(got["prompt"]["input_ids"], want["prompt"]["input_ids"])
+    assert got["answers"] == ["red", "second", "green"]
+    assert got["vision"]["image_grid_thw"].shape[0] == 4

@@ -1,0 +1,243 @@
+"""Rows of a data source: column mapping, bad rows named or skipped and counted, overlong rows (the
+limit is exact, never cut), invalid JSON lines."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lightning_vlm.data.rows import BadRowError
+from tests.helpers.sft_data import (
+    END,
+    assistant,
+    datamodule,
+    draw,
+    expected_image_tokens,
+    one_batch,
+    real_ids,
+    user,
+    write_jsonl,
+)
+
+# ---------------------------------------------------------------------- column mapping
+
+
+@pytest.fixture
+def renamed_file(tmp_path):
+    name = draw(tmp_path / "img" / "a.png", (64, 64), (220, 30, 30))
+    row = {"pics": [name], "conversation": [user("What colour is the shape?", 1), assistant("red")]}
+    return write_jsonl(tmp_path / "renamed.jsonl", [row, row])
+
+
+def test_column_mapping_loads_renamed_columns(processor, renamed_file):
+    dm = datamodule(
+        processor, renamed_file, columns={"messages": "conversation", "images": "pics"}, batch_size=2
+    )
+    batch = one_batch(dm)
+    assert sorted(batch["rows"]) == [0, 1]
+    assert batch["vision"]["image_grid_thw"].shape[0] == 2
+    assert processor.tokenizer.decode(batch["input_ids"][0][batch["labels_mask"][0]]) == f"red{END}"
+
+
+def test_missing_column_names_column_and_file(processor, renamed_file):
+    with pytest.raises(KeyError, match=rf"{re.escape(renamed_file)}: missing column 'messages'"):
+        datamodule(processor, renamed_file)
+    # Mapping only one column still names the other one.
+    with pytest.raises(KeyError, match=rf"{re.escape(renamed_file)}: missing column 'images'"):
+        datamodule(processor, renamed_file, columns={"messages": "conversation"})
+
+
+def test_mapping_to_absent_column_names_it(processor, renamed_file):
+    with pytest.raises(KeyError, match=rf"{re.escape(renamed_file)}.*'photos'"):
+        datamodule(processor, renamed_file, columns={"messages": "conversation", "images": "photos"})
+
+
+# ---------------------------------------------------------------------- bad rows
+
+
+def noisy_png(path: Path, size: int = 96) -> bytes:
+    """A PNG of random pixels (large, barely compressible), saved at ``path``; return its bytes."""
+    rng = random.Random(0)
+    Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3)).save(path)
+    return path.read_bytes()
+
+
+BAD_ROWS = {
+    # kind: (images, messages, regex after "row N: ")
+    "unreadable": (
+        ["img/garbage.png"],
+        [user("Colour?", 1), assistant("red")],
+        r"field 'images'.*'img/garbage\.png'",
+    ),
+    "truncated": (
+        ["img/truncated.png"],
+        [user("Colour?", 1), assistant("red")],
+        r"field 'images'.*'img/truncated\.png'.*truncated",
+    ),
+    "missing": (
+        ["img/nowhere.png"],
+        [user("Colour?", 1), assistant("red")],
+        r"field 'images'.*'img/nowhere\.png'",
+    ),
+    "more_placeholders": (
+        ["img/good.png"],
+        [user("Colour?", 2), assistant("red")],
+        r"field 'messages' has 2 image placeholder\(s\) but 'images' lists 1",
+    ),
+    "fewer_placeholders": (
+        ["img/good.png", "img/good.png"],
+        [user("Colour?", 1), assistant("red")],
+        r"field 'messages' has 1 image placeholder\(s\) but 'images' lists 2",
+    ),
+    "last_not_assistant": (
+        ["img/good.png"],
+        [user("Colour?", 1), assistant("red"), user("And the shape?")],
+        r"field 'messages': the last message must be the assistant's reply",
+    ),
+    "no_content": (
+        ["img/good.png"],
+        [user("Colour?", 1), {"role": "assistant"}],
+        r"field 'messages': message 1 needs 'role' and 'content'",
+    ),
+}
+
+
+@pytest.fixture
+def bad_file(request, tmp_path):
+    """Rows good, bad, good, bad, good of one kind of bad row; returns (path, regex of the error)."""
+    img = tmp_path / "img"
+    good = {
+        "images": [draw(img / "good.png", (64, 64), (220, 30, 30))],
+        "messages": [user("Colour?", 1), assistant("red")],
+    }
+    (img / "garbage.png").write_bytes(b"this is not a png\n" * 20)
+    raw = noisy_png(img / "noisy.png")
+    (img / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    images, messages, regex = BAD_ROWS[request.param]
+    bad = {"images": images, "messages": messages}
+    return write_jsonl(tmp_path / f"{request.param}.jsonl", [good, bad, good, bad, good]), regex
+
+
+@pytest.mark.parametrize("bad_file", list(BAD_ROWS), indirect=True)
+def test_bad_row_errors_name_file_row_and_field(processor, bad_file):
+    path, regex = bad_file
+    with pytest.raises(BadRowError, match=rf"^{re.escape(path)}: row 1: {regex}"):
+        datamodule(processor, path)
+
+
+@pytest.mark.parametrize("bad_file", list(BAD_ROWS), indirect=True)
+def test_bad_rows_skip_drops_and_counts(processor, bad_file):
+    path, _ = bad_file
+    dm = datamodule(processor, path, bad_rows="skip", batch_size=8)
+    assert dm.skipped[path] == {"bad": 2}
+    assert sorted(dm.datasets["train"]["__row"]) == [0, 2, 4]
+    batch = one_batch(dm)
+    assert sorted(batch["rows"]) == [0, 2, 4]
+    assert batch["vision"]["image_grid_thw"].shape[0] == 3
+
+
+def test_truncated_image_is_caught_at_setup_only_when_checking_images(processor, tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    raw = noisy_png(img / "noisy.png")
+    (img / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    rows = [{"images": ["img/truncated.png"], "messages": [user("Colour?", 1), assistant("red")]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(BadRowError, match=r"row 0: field 'images'.*truncated"):
+        datamodule(processor, path)  # check_images=True is the default
+    # Headers alone look fine: setup passes and the row only fails when collated.
+    dm = datamodule(processor, path, check_images=False)
+    assert dm.skipped[path] == {}
+    with pytest.raises(BadRowError, match=r"row 0: field 'images'.*truncated"):
+        one_batch(dm)
+
+
+def test_all_rows_bad_is_an_error(processor, tmp_path):
+    rows = [{"images": ["img/nowhere.png"], "messages": [user("Colour?", 1), assistant("red")]}] * 2
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"{re.escape(path)}: no usable rows left"):
+        datamodule(processor, path, bad_rows="skip")
+
+
+def test_invalid_json_line_is_named(processor, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"images": [], "messages": []}\n{"images": [,\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 2 is not valid JSON"):
+        datamodule(processor, path).setup("fit")
+
+
+# ---------------------------------------------------------------------- overlong rows
+
+
+@pytest.fixture
+def long_rows(tmp_path):
+    """Rows of distinct token lengths: text-only, small, non-square, large (downscaled) and two images."""
+    img = tmp_path / "img"
+    a = draw(img / "a.png", (64, 64), (220, 30, 30))
+    b = draw(img / "b.png", (112, 72), (30, 70, 220))
+    c = draw(img / "c.png", (180, 180), (30, 160, 50))
+    rows = [
+        {"images": [], "messages": [user("How many shapes are there?"), assistant("2")]},
+        {"images": [a], "messages": [user("What colour is the shape?", 1), assistant("red")]},
+        {"images": [b], "messages": [user("What colour is the shape?", 1), assistant("blue")]},
+        {"images": [c], "messages": [user("What colour is the shape?", 1), assistant("green")]},
+        {"images": [a, b], "messages": [user("Which image shows the red shape?", 2), assistant("first")]},
+    ]
+    return write_jsonl(tmp_path / "long.jsonl", rows), rows, tmp_path
+
+
+def collated_lengths(processor, path: str, n: int) -> dict[int, int]:
+    batch = one_batch(datamodule(processor, path, batch_size=n, max_length=100_000))
+    return dict(zip(batch["rows"], batch["attention_mask"].sum(-1).tolist(), strict=True))
+
+
+def test_overlong_limit_is_exact_per_row(processor, long_rows):
+    path, rows, _ = long_rows
+    real = collated_lengths(processor, path, len(rows))
+    assert len(set(real.values())) == len(rows), "the fixture should give distinct lengths"
+    for limit in sorted(real.values()):
+        # A row exactly at the limit is kept; one token over is dropped.
+        for max_length in (limit, limit - 1):
+            keep = sorted(i for i, n in real.items() if n <= max_length)
+            if not keep:
+                with pytest.raises(ValueError, match="no usable rows left"):
+                    datamodule(processor, path, max_length=max_length, overlong="drop")
+                continue
+            dm = datamodule(processor, path, max_length=max_length, overlong="drop")
+            assert sorted(dm.datasets["train"]["__row"]) == keep
+            dropped = len(rows) - len(keep)
+            assert dm.skipped[path] == ({"overlong": dropped} if dropped else {})
+
+
+def test_overlong_error_names_row_and_real_length(processor, long_rows):
+    path, rows, _ = long_rows
+    real = collated_lengths(processor, path, len(rows))
+    limit = real[0] - 1  # row 0 is the first row over the limit, whatever follows
+    with pytest.raises(
+        BadRowError, match=rf"^{re.escape(path)}: row 0: {real[0]} tokens > max_length {limit}"
+    ):
+        datamodule(processor, path, max_length=limit)
+    longest = max(real, key=real.get)
+    limit = sorted(real.values())[-2]  # only the longest row is over
+    with pytest.raises(BadRowError, match=rf"row {longest}: {real[longest]} tokens > max_length {limit}"):
+        datamodule(processor, path, max_length=limit, overlong="error")
+
+
+def test_kept_rows_are_never_cut(processor, long_rows):
+    path, rows, folder = long_rows
+    real = collated_lengths(processor, path, len(rows))
+    max_length = sorted(real.values())[2]
+    dm = datamodule(processor, path, max_length=max_length, overlong="drop", batch_size=len(rows))
+    batch = one_batch(dm)
+    assert dm.skipped[path] == {"overlong": sum(n > max_length for n in real.values())} == {"overlong": 2}
+    image_id = processor.image_token_id
+    for k, row in enumerate(batch["rows"]):
+        images = [Image.open(folder / name).convert("RGB") for name in rows[row]["images"]]
+        ids = real_ids(batch, k)
+        assert len(ids) == real[row]
+        assert ids.count(image_id) == expected_image_tokens(processor, rows[row]["messages"], images)
+        assert processor.tokenizer.decode(batch["input_ids"][k][batch["labels_mask"][k]]).endswith(END)
