@@ -54,9 +54,9 @@ def _config(recipe: Path, run: Path, data: Path, seed: int, threads: int, sets: 
         key, value = item.split("=", 1)
         node = cfg
         *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
+        for p in parents:  # list items by index: trainer.callbacks.0.init_args.temperature
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[int(last) if isinstance(node, list) else last] = yaml.safe_load(value)
     return cfg
 
 
@@ -80,7 +80,7 @@ def _one(args, seed: int, threads: int) -> tuple[int, int, dict, dict]:
     sft_run = base / "sft"
     sft = {}
     if not (sft_run / "hf" / "config.json").exists():
-        cfg = _config(ROOT / args.sft, sft_run, data, seed, threads, [])
+        cfg = _config(ROOT / args.sft, sft_run, data, seed, threads, args.sft_set)
         sft_run.mkdir(parents=True, exist_ok=True)
         sft = _fit(cfg, base / "sft.yaml")
         (base / "sft_report.yaml").write_text(yaml.safe_dump({k: list(v) for k, v in sft.items()}))
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--sft", default="zoo/tiny_qwen2vl_sft.yaml")
     parser.add_argument("--rl", default="zoo/tiny_qwen2vl_gspo.yaml")
     parser.add_argument("--set", action="append", default=[], help="dotted.key=yaml_value on the RL recipe")
+    parser.add_argument("--sft-set", action="append", default=[], help="the same, on the SFT recipe")
     parser.add_argument("--tag", default="", help="suffix of the RL runs' folders (compare settings)")
     parser.add_argument("--out", default="runs/seeds")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (mind the thread counts)")
