@@ -53,8 +53,8 @@ def test_gspo_recipe_fits_with_rewards_by_import_path(tmp_path, synthetic_dir):
                             "init_args": {"max_length": 4, "cache": 2}}]}  # fmt: skip
     override = _gspo_override(tmp_path, synthetic_dir, rollout)
     cli = VLMCLI(args=["fit", "--config", str(GSPO_RECIPE), "--config", str(override)])
-    assert cli.trainer.global_step == 2  # one rollout, model.loop.mini_batches = 2 optimiser steps
-    assert cli.model.settings.mini_batches == 2
+    assert cli.trainer.global_step == 2  # two rollouts, model.loop.mini_batches = 1 (on-policy)
+    assert cli.model.settings.mini_batches == 1
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, RolloutCallback)]
     assert callback.G == 4 and callback.rewards[0] is accuracy
     assert isinstance(callback.rewards[1], OverlongPenalty) and callback.rewards[1].max_length == 4
