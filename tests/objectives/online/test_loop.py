@@ -200,3 +200,22 @@ def test_gspo_router_aux_loss_trains_the_routers(synthetic_dir):
         n for n in before if last in n or n.endswith(("lm_head.weight", "language_model.norm.weight"))
     }
     assert len(after_routers) == 4 and not after_routers & changed
+
+
+def test_a_chunk_without_kept_samples_adds_no_router_loss_on_any_rank(synthetic_dir):
+    """Dynamic sampling can leave a rank no kept sample. With several ranks every rank still runs every
+    forward (DDP needs the same collectives), but that chunk adds no policy loss and no router loss,
+    and a step with no kept forward divides nothing by zero."""
+    module = build(GSPO, family="qwen3_vl_moe", loop={"router_aux_coef": 0.01})
+    r = prepared_rollout(module, prompt_batch(prompt_dm(module.backbone.processor, synthetic_dir)))
+    r.keep[:] = False
+    # What the loop reads of a 2-rank trainer; this rank's totals stand for the sum over ranks.
+    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    try:
+        totals = loop.step_totals(module, [r], [[0]])
+        loss, metrics = loop.chunk_loss(module, r, [0], totals, forwards=0)
+    finally:
+        module._trainer = None
+    assert loss is not None and torch.isfinite(loss) and float(loss) == 0.0
+    assert "router_aux_loss" not in metrics
+    loss.backward()  # the forward's graph is there, as DDP's all-reduce expects

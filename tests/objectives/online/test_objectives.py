@@ -189,3 +189,18 @@ def test_bad_settings_fail_clearly(cls, synthetic_dir):
     with pytest.raises(RuntimeError, match=rf"{name} got no rollout for this train batch: .* need a "
                                            r"lightning_vlm.rollout.RolloutCallback"):  # fmt: skip
         fit(build(cls), synthetic_dir, [])
+
+
+def test_a_reward_that_applies_to_no_held_out_answer_is_still_logged(synthetic_dir):
+    """Every rank logs every held-out key (weight 0 where a function applied to nothing), so ranks never
+    disagree on the set of keys their reductions synchronise."""
+    module = build(GRPO)
+    never = lambda prompts, completions, **row: [None] * len(completions)  # noqa: E731 - applies to none
+    val = str(synthetic_dir / "prompt_val.jsonl")
+    dm = PromptDataModule(
+        train=str(synthetic_dir / "prompt_train.jsonl"), val=val, batch_size=B, eval_batch_size=B
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1,
+                        callbacks=[rollout_callback(rewards=(token_reward, never))])  # fmt: skip
+    (metrics,) = trainer.validate(module, dm, verbose=False)
+    assert "val/rewards/<lambda>" in metrics and math.isfinite(metrics["val/rewards/token_reward"])
