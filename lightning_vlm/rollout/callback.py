@@ -67,7 +67,7 @@ class RolloutCallback(L.Callback):
                 Hugging Face generation on the trainer's model, prompt once and vision once).
             eval_max_new_tokens: Tokens generated per held-out prompt (greedy); default: ``max_new_tokens``.
             eval_sampling: Held-out prompts also get ``num_generations`` samples each, seeded by the
-                batch index so every check sees the same draw (PPO logs their score and KL).
+                batch index so every check sees the same draw (logged as ``val/score`` and ``val/kl``).
             per_prompt_seeds: Seed each sample from (seed, rollout, refill draw, dataset row, sample
                 index) instead of one generator per rank: a prompt's samples then do not depend on
                 which rank or batch draws it (one RNG call per sample and token; the DDP equivalence tests).

@@ -179,7 +179,9 @@ class OnlineObjective(VLMObjective):
     def _held_out(self, batch: dict, stage: str) -> list[Rollout]:
         """Log the greedy answers' ``<stage>/reward`` and ``<stage>/rewards/<function>``. Every rank
         logs every key (a rank where a function applied to no answer adds weight 0), so the ranks'
-        reductions always match."""
+        reductions always match. With the callback's ``eval_sampling``, also the mean reward of the
+        seeded held-out samples (``<stage>/score``) and, when there is a reference, their KL to it
+        (``<stage>/kl``: the sequence's summed k1, an unbiased estimate of KL(policy || reference))."""
         rollouts = self._take(stage)
         greedy = rollouts[0]
         n = len(greedy.texts)
@@ -201,7 +203,20 @@ class OnlineObjective(VLMObjective):
                 sync_dist=True,
                 prog_bar=name == "accuracy",
             )
+        if len(rollouts) > 1:
+            self._sampled(rollouts[1], stage)
         return rollouts
+
+    @torch.no_grad()
+    def _sampled(self, r: Rollout, stage: str) -> None:
+        n = r.rewards.numel()
+        self.log(f"{stage}/score", r.rewards.mean(), on_epoch=True, batch_size=n, sync_dist=True)
+        if self.needs().reference:
+            logps = loop.logps(self, r)
+            with self.backbone.reference() as ref:
+                ref_logps = loop.logps(self, r, model=ref)
+            kl = ((logps - ref_logps) * r.completion_mask).sum(-1).mean()
+            self.log(f"{stage}/kl", kl, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=True)
 
 
 def _value(v: torch.Tensor) -> float | None:

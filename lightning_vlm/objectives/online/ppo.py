@@ -202,23 +202,3 @@ class PPO(OnlineObjective):
             vf_coef=h.vf_coef,
             totals=chunk.totals,
         )
-
-    # ------------------------------------------------------------------ held-out
-    @torch.no_grad()
-    def _held_out(self, batch: dict, stage: str):
-        """Greedy answers' ``<stage>/reward``; with the callback's ``eval_sampling``, also the mean score
-        of held-out samples (``<stage>/score``) and their KL to the reference (``<stage>/kl``: the
-        sequence's summed k1, an unbiased estimate of KL(policy || reference))."""
-        rollouts = super()._held_out(batch, stage)
-        if len(rollouts) < 2:
-            return rollouts
-        r = rollouts[1]
-        n = r.rewards.numel()
-        self.log(f"{stage}/score", r.rewards.mean(), on_epoch=True, batch_size=n, sync_dist=True)
-        if self.needs().reference:
-            logps = loop.logps(self, r)
-            with self.backbone.reference() as ref:
-                ref_logps = loop.logps(self, r, model=ref)
-            kl = ((logps - ref_logps) * r.completion_mask).sum(-1).mean()
-            self.log(f"{stage}/kl", kl, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=True)
-        return rollouts

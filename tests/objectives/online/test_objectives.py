@@ -204,3 +204,19 @@ def test_a_reward_that_applies_to_no_held_out_answer_is_still_logged(synthetic_d
                         callbacks=[rollout_callback(rewards=(token_reward, never))])  # fmt: skip
     (metrics,) = trainer.validate(module, dm, verbose=False)
     assert "val/rewards/<lambda>" in metrics and math.isfinite(metrics["val/rewards/token_reward"])
+
+
+@objective
+def test_held_out_samples_log_their_score_and_kl_only_when_asked(cls, synthetic_dir):
+    module = build(cls, **with_kl(cls))
+    val = str(synthetic_dir / "prompt_val.jsonl")
+    dm = PromptDataModule(
+        train=str(synthetic_dir / "prompt_train.jsonl"), val=val, batch_size=B, eval_batch_size=B
+    )
+    for eval_sampling in (False, True):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1,
+                            callbacks=[rollout_callback(eval_sampling=eval_sampling)])  # fmt: skip
+        (metrics,) = trainer.validate(module, dm, verbose=False)
+        assert ("val/score" in metrics) == ("val/kl" in metrics) == eval_sampling
+    # The policy is the reference here: sampled answers are exactly as likely under both.
+    assert metrics["val/kl"] == pytest.approx(0.0, abs=1e-5) and math.isfinite(metrics["val/score"])
