@@ -26,7 +26,7 @@ from lightning_vlm.model.config import (  # noqa: F401 (re-exported)
     check_is_vlm,
     resolve_path,
 )
-from lightning_vlm.model.lora import add_lora, unwrap
+from lightning_vlm.model.lora import add_lora, disable_dropout, unwrap
 from lightning_vlm.model.processing import load_processor
 from lightning_vlm.model.vision import encode_images, has_images, image_side_parameters, shared_vision
 
@@ -37,17 +37,19 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class VLMBackbone(nn.Module):
     """Load and wrap one VLM. The processor loads at once; the weights in :meth:`load`."""
 
-    def __init__(self, config: BackboneConfig, need_reference: bool = False):
+    def __init__(self, config: BackboneConfig, need_reference: bool = False, disable_dropout: bool = True):
         """
         Args:
             config: What to load and how to train it (see :class:`BackboneConfig`).
             need_reference: Keep a reference policy (frozen copy, or disabled adapters under LoRA).
+            disable_dropout: Zero every dropout at load, unless ``config.disable_dropout`` says otherwise.
         """
         super().__init__()
         if config.vision == "lora" and config.lora is None:
             raise ValueError("backbone.vision: 'lora' needs backbone.lora settings")
         self.config = config
         self.need_reference = need_reference
+        self.disable_dropout = disable_dropout if config.disable_dropout is None else config.disable_dropout
         self.path, self.adapter = resolve_path(config)  # adapter: a peft folder, merged into its base at load
         self.hf_config = check_is_vlm(self.path, config.trust_remote_code)
         has_processor = self.adapter and (Path(self.adapter) / "processor_config.json").is_file()
@@ -107,6 +109,8 @@ class VLMBackbone(nn.Module):
         elif self.need_reference:
             # Bypass nn.Module registration: no state_dict entries, no optimiser parameters.
             object.__setattr__(self, "_reference", copy.deepcopy(model).eval().requires_grad_(False))
+        if self.disable_dropout:
+            disable_dropout(model)
         self.model = model
 
     @staticmethod

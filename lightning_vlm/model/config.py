@@ -51,6 +51,10 @@ class BackboneConfig:
         logps_chunk_size: Target tokens per LM-head chunk when computing log-probs; bounds the
             logits held in memory to ``chunk x vocab``.
         processor_kwargs: Extra image-processor settings, e.g. ``{min_pixels: 3136, max_pixels: 200704}``.
+        disable_dropout: Zero every dropout (the model's, attention's and LoRA's) so that two forwards
+            at the same weights give the same log-probs. ``null`` lets the objective choose: off for
+            the preference, reward and online objectives, which compare log-probs across forwards
+            (the on-policy ratio is then exactly 1), kept for SFT, where it regularises.
     """
 
     model_name_or_path: str | None = None
@@ -63,6 +67,7 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     logps_chunk_size: int = 1024
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    disable_dropout: bool | None = None
 
 
 def as_backbone_config(value: BackboneConfig | dict) -> BackboneConfig:

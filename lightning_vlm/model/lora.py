@@ -1,4 +1,5 @@
-"""LoRA adapters on the language model (and optionally the vision tower) with peft."""
+"""Surgery on a loaded model: LoRA adapters on the language model (and optionally the vision tower)
+with peft, and switching dropout off."""
 
 from __future__ import annotations
 
@@ -44,3 +45,22 @@ def add_lora(model: nn.Module, lora: Any, vision_mode: str, tower: nn.Module, to
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Zero every dropout of ``model`` in place, the modules' and the attention's (HF attention layers
+    keep a float ``attention_dropout`` or ``dropout`` they apply in training mode), LoRA's included.
+
+    The model stays in training mode (``eval()`` would also switch off gradient checkpointing), and its
+    config is untouched, so an export keeps the checkpoint's dropout settings. Returns how many were set.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p:
+            module.p, count = 0.0, count + 1
+        for attr in ("attention_dropout", "dropout"):
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value:
+                setattr(module, attr, 0.0)
+                count += 1
+    return count

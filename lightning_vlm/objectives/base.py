@@ -22,6 +22,9 @@ class VLMObjective(L.LightningModule):
     """Base of all objectives."""
 
     need_reference: bool = False
+    # Dropout off unless ``backbone.disable_dropout`` says otherwise: log-probs compared across forwards
+    # (ratios, preference margins) must not differ at equal weights. SFT keeps it as a regulariser.
+    disable_dropout: bool = True
     if TYPE_CHECKING:  # the saved __init__ arguments, read as attributes (self.hparams.beta)
 
         @property
@@ -62,7 +65,7 @@ class VLMObjective(L.LightningModule):
             if not isinstance(self.hparams.get(key), (dict, type(None))):
                 self.hparams[key] = None
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.backbone = VLMBackbone(backbone, need_reference=self.need_reference)
+        self.backbone = VLMBackbone(backbone, self.need_reference, self.disable_dropout)
         self.nonfinite_steps = 0  # consecutive
         self.nonfinite_total = 0
         # Checkpoints hold trainable weights only; frozen ones come from the pretrained folder.

@@ -23,6 +23,8 @@ from lightning_vlm.objectives.base import VLMObjective
 class SFT(VLMObjective):
     """Supervised fine-tuning on chat rows with images."""
 
+    disable_dropout = False  # dropout regularises maximum likelihood; nothing compares two forwards
+
     def __init__(self, backbone: BackboneConfig, eval_max_new_tokens: int = 16, **kwargs: Any):
         """
         Args:

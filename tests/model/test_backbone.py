@@ -379,3 +379,39 @@ def test_vision_once_equals_images_per_sequence(family, vision, synthetic_dir):
         assert x is None or torch.allclose(x, y, atol=1e-5, rtol=1e-4)
     assert len(fed) == 2 and 2 * fed[0] == fed[1]
     assert bb.vision_is_frozen == (vision == "frozen" and family != "llava")  # LLaVA's projector trains
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, dropout=0.5)], ids=["full", "lora"])
+def test_dropout_is_off_by_default_so_scoring_is_reproducible(lora, tmp_path, synthetic_dir):
+    """With attention dropout 0.5 in the checkpoint (and LoRA dropout 0.5), two forwards at the same
+    weights in training mode give identical log-probs, with and without gradient (the on-policy ratio is
+    exactly 1), unless ``disable_dropout: false`` keeps dropout; the export's config keeps its value."""
+    import shutil
+
+    folder = tmp_path / "dropout_vlm"
+    shutil.copytree(ensure_tiny_vlm(TinyVLM()), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["attention_dropout"] = 0.5
+    (folder / "config.json").write_text(json.dumps(config))
+
+    def scores(**kw):
+        bb = VLMBackbone(BackboneConfig(model_name_or_path=str(folder), lora=lora, **kw))
+        bb.load()
+        assert bb.model.training
+        batch = _batch(bb, synthetic_dir)
+        args = (batch["input_ids"], batch["attention_mask"], batch["vision"], batch["labels_mask"])
+        with torch.no_grad():
+            old = bb.token_logps(*args)
+        new = bb.token_logps(*args)  # with gradient, as the training forward
+        assert new.requires_grad
+        return bb, old, new.detach()
+
+    bb, old, new = scores()
+    assert torch.equal(old, new)
+    assert bb.model.config.get_text_config().attention_dropout == 0.5  # the config is not rewritten
+    _, old, new = scores(disable_dropout=False)
+    assert (old - new).abs().max() > 1e-3  # the check above can fail: dropout does change log-probs
+    # SFT keeps dropout unless told otherwise; preference and online objectives switch it off.
+    from lightning_vlm.objectives import DPO, GRPO, SFT
+
+    assert not SFT.disable_dropout and DPO.disable_dropout and GRPO.disable_dropout
