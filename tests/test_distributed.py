@@ -1,11 +1,12 @@
 """Data parallel on 2 CPU processes (gloo), launched as the user would: the `lightning-vlm` command in a
 subprocess (DESIGN: plain ddp re-runs the launching command in rank 1, so never pytest itself).
 
-SFT and DPO under DDP reach the weights of one process with the same global batch; the online
+SFT, DPO and MPO under DDP reach the weights of one process with the same global batch; the online
 objectives run under DDP (a rank-0-only collective used to hang them at the first sample table)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ TOLERANCE = 2e-5  # max |w_ddp - w_single| after 3 AdamW steps at lr 3e-4 (float
 
 
 RECIPES = {"sft": "tiny_qwen2vl_sft.yaml", "sft-lora": "tiny_qwen2vl_sft.yaml", "pref": "tiny_qwen2vl_dpo.yaml",
-           "prompt": "tiny_qwen2vl_gspo.yaml", "prompt-tied": "tiny_qwen2vl_gspo.yaml"}  # fmt: skip
+           "pref-mpo": "tiny_qwen2vl_mpo.yaml", "prompt": "tiny_qwen2vl_gspo.yaml", "prompt-tied": "tiny_qwen2vl_gspo.yaml"}  # fmt: skip
 TIED = {"family": "qwen2_vl", "tie_word_embeddings": True}  # an LM head shared with the embeddings
 
 
@@ -30,6 +31,13 @@ def _fit(tmp: Path, recipe: str, data: str, config: str, batch_size: int, extra:
     """Run `lightning-vlm fit` on a recipe, stacked with ``configs/<config>.yaml``, with the tiny
     in-process model; returns its HF export."""
     out = tmp / config
+    train = data / f"{recipe.split('-')[0]}_train.jsonl"
+    if recipe == "pref-mpo":  # chosen answers of varied length, so the ranks' token counts differ
+        train = data / "pref_varied_train.jsonl"
+        rows = [json.loads(line) for line in (data / "pref_train.jsonl").read_text().splitlines()[:16]]
+        for i, row in enumerate(rows):
+            row["chosen"][0]["content"][0]["text"] += " ok" * (3 * (i % 4))
+        train.write_text("".join(json.dumps(row) + "\n" for row in rows))
     override = {
         "report_held_out": False,
         "trainer": {"max_steps": 3, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
@@ -37,7 +45,7 @@ def _fit(tmp: Path, recipe: str, data: str, config: str, batch_size: int, extra:
                     "callbacks": [{"class_path": "lightning_vlm.export.ExportHF",
                                    "init_args": {"dirpath": str(out / "hf")}}]},
         "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}}}},
-        "data": {"init_args": {"synthetic": None, "train": str(data / f"{recipe.split('-')[0]}_train.jsonl"), "val": None,
+        "data": {"init_args": {"synthetic": None, "train": str(train), "val": None,
                                "batch_size": batch_size, "num_workers": 0}},
     }  # fmt: skip
     extra = {k: dict(v) for k, v in (extra or {}).items()}
@@ -71,7 +79,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 GRPO = {
-    "model": {"class_path": "lightning_vlm.objectives.GRPO", "beta": 0.04, "norm": "dapo", "loop": {"mini_batches": 2}},
+    "model": {"class_path": "lightning_vlm.objectives.GRPO", "beta": 0.04, "norm": "dapo", "loop": {"mini_batches": 2},
+              "scale_rewards": "batch"},
     "trainer": {"max_steps": 4, "callbacks": [
         {"class_path": "lightning_vlm.rollout.RolloutCallback",
          "init_args": {"num_generations": 4, "max_new_tokens": 4, "table_every_n_steps": 0, "per_prompt_seeds": True,
@@ -111,15 +120,16 @@ def single(tmp_path_factory, synthetic_dir):
 @pytest.mark.parametrize(
     "recipe, config",
     [(r, c) for r in ("sft", "pref", "prompt") for c in ("ddp_cpu", "fsdp_cpu")]
-    + [("sft-lora", "fsdp_cpu"), ("prompt-tied", "fsdp_cpu")],
-    ids=lambda v: {"pref": "dpo", "prompt": "grpo", "ddp_cpu": "ddp", "fsdp_cpu": "fsdp2"}.get(v, v),
+    + [("sft-lora", "fsdp_cpu"), ("prompt-tied", "fsdp_cpu"), ("pref-mpo", "ddp_cpu")],
+    ids=lambda v: {"pref": "dpo", "pref-mpo": "mpo", "prompt": "grpo", "ddp_cpu": "ddp", "fsdp_cpu": "fsdp2"}.get(v, v),
 )
 def test_two_processes_reach_the_single_process_weights(recipe, config, single, tmp_path, synthetic_dir):
     """2 ranks x 2 rows against 1 process x 4 rows: the same rows per step (the sampler interleaves
     the same seeded order), so the same update, whether each rank holds the whole model (DDP) or a
-    shard (FSDP2). SFT normalises by the token count of all ranks. GRPO (2 rollouts of 2 optimiser
-    steps, k3 KL, token-level normalisation over both ranks) samples with per-prompt seeds, so both
-    runs draw the same completions."""
+    shard (FSDP2). SFT, and MPO's generation term, normalise by the token count of all ranks. GRPO
+    (2 rollouts of 2 optimiser steps, k3 KL, token-level normalisation over both ranks, advantages
+    scaled by the std of both ranks' rewards) samples with per-prompt seeds, so both runs draw the
+    same completions."""
     distributed = _weights(_fit(tmp_path, recipe, synthetic_dir, config, 2, _extra(recipe)))
     reference = single(recipe)
     from lightning_vlm.model.tiny import TinyVLM, ensure_tiny_vlm

@@ -10,7 +10,7 @@ Metrics = dict[str, torch.Tensor]
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group"
+    rewards: torch.Tensor, group_size: int, scale: str = "group", batch_std: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Metrics]:
     """Group-relative advantages: each reward minus its group's mean, optionally scaled.
 
@@ -19,6 +19,8 @@ def group_advantages(
         group_size: G.
         scale: ``group`` divides by the group's standard deviation (unbiased, + 1e-4), ``batch`` by
             the standard deviation of the whole batch, ``none`` not at all (Dr. GRPO).
+        batch_std: Under ``batch``, the standard deviation to divide by instead of that of ``rewards``
+            (the objective passes the one over every rank's kept samples).
 
     Returns:
         ``(advantages (B*G,), {"reward_mean", "reward_std", "zero_std_groups"})``; the last is the
@@ -34,7 +36,7 @@ def group_advantages(
     if scale == "group":
         advantages = advantages / (group_std + 1e-4)
     elif scale == "batch":
-        advantages = advantages / (rewards.std() + 1e-4)
+        advantages = advantages / ((rewards.std() if batch_std is None else batch_std) + 1e-4)
     metrics = {
         "reward_mean": rewards.detach().mean(),
         "reward_std": rewards.detach().std() if rewards.numel() > 1 else torch.zeros(()),

@@ -90,6 +90,15 @@ class VLMObjective(L.LightningModule):
     def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def token_mean_over_ranks(self, loss: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's token-mean ``loss`` (over ``tokens``), rescaled to its share of the token mean over
+        every rank's batch: DDP averages the ranks' gradients, which would weight each rank equally."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 or not torch.is_grad_enabled():
+            return loss
+        total = self.trainer.strategy.reduce(tokens.detach().clone(), reduce_op="sum").clamp(min=1.0)
+        return loss * tokens.detach() * world / total
+
     def guard(self, loss: torch.Tensor) -> torch.Tensor | None:
         """Return ``loss``, or None (skip the step) when it is not finite; stop when that repeats."""
         finite = bool(torch.isfinite(loss))

@@ -46,14 +46,7 @@ class SFT(VLMObjective):
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/tokens", metrics["tokens"], reduce_fx="sum", batch_size=bs)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            # The token mean over every rank's batch, not the mean of per-rank token means: DDP averages
-            # gradients over ranks, so each rank's share is weighted by its own token count.
-            tokens = metrics["tokens"]
-            total = self.trainer.strategy.reduce(tokens.clone(), reduce_op="sum").clamp(min=1.0)
-            loss = loss * tokens * world / total
-        return self.guard(loss)
+        return self.guard(self.token_mean_over_ranks(loss, metrics["tokens"]))
 
     def _answers(self, batch: dict) -> list[str]:
         p = batch["prompt"]

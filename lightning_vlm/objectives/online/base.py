@@ -112,6 +112,17 @@ class OnlineObjective(VLMObjective):
         """``(loss, metrics)`` of one chunk, normalised by ``chunk.totals`` (see the module docstring)."""
         raise NotImplementedError
 
+    def reward_std(self, rollout: Rollout) -> torch.Tensor:
+        """Standard deviation (unbiased) of the rewards of the samples that train (``rollout.keep``) over
+        every rank: the global batch's, as ``scale_rewards: batch`` divides by."""
+        keep = rollout.keep.to(rollout.rewards.dtype)
+        r = rollout.rewards * keep
+        sums = torch.stack([keep.sum(), r.sum(), (r * r).sum()])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        n, s1, s2 = sums
+        return ((s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
+
     # ------------------------------------------------------------------ the rollout hand-over
     def on_rollout(self, rollouts: list[Rollout], stage: str) -> None:
         """Receive a step's finished rollouts from the rollout side (``stage`` ``train``) or a held-out

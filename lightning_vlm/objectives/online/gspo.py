@@ -54,7 +54,9 @@ class GSPO(OnlineObjective):
         return RolloutNeeds(reference=self.hparams.beta > 0)
 
     def advantages(self, rollout: Rollout):
-        return group_advantages(rollout.rewards, rollout.group_size, scale=self.hparams.scale_rewards)[0]
+        scale = self.hparams.scale_rewards
+        std = self.reward_std(rollout) if scale == "batch" else None  # over every rank
+        return group_advantages(rollout.rewards, rollout.group_size, scale, std)[0]
 
     def policy_loss(self, chunk: Chunk):
         h = self.hparams

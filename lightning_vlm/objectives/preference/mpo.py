@@ -70,13 +70,15 @@ class MPO(VLMObjective):
         preference, metrics = dpo_loss(c, r, rc, rr, beta=h.beta)
         quality, bco_metrics = bco_pair_loss(c, r, rc, rr, beta=h.beta, delta=self.delta)
         n = len(batch["rows"])
-        generation, _ = sft_loss(token_logps[:n], batch["labels_mask"][:n])  # the chosen block
+        generation, gen = sft_loss(token_logps[:n], batch["labels_mask"][:n])  # the chosen block
         terms = {
             "loss/preference": h.preference_weight * preference,
             "loss/quality": h.quality_weight * quality,
             "loss/generation": h.generation_weight * generation,
         }
         metrics.update({k: v.detach() for k, v in terms.items()})
+        # The generation term is a token mean over every rank's chosen responses, as SFT's loss.
+        terms["loss/generation"] = h.generation_weight * self.token_mean_over_ranks(generation, gen["tokens"])
         metrics["rewards/batch_mean"] = bco_metrics["rewards/batch_mean"]
         metrics["delta"] = torch.tensor(self.delta, device=c.device)
         return sum(terms.values()), metrics

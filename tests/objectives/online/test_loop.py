@@ -4,6 +4,7 @@ reference), the objectives' losses are their loss functions, and the MoE router 
 
 from __future__ import annotations
 
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -219,3 +220,19 @@ def test_a_chunk_without_kept_samples_adds_no_router_loss_on_any_rank(synthetic_
     assert loss is not None and torch.isfinite(loss) and float(loss) == 0.0
     assert "router_aux_loss" not in metrics
     loss.backward()  # the forward's graph is there, as DDP's all-reduce expects
+
+
+def test_batch_reward_std_is_over_the_samples_that_train():
+    """``scale_rewards: batch`` divides by the unbiased std of the kept samples' rewards (a group that
+    dynamic sampling dropped is left out), and the advantages use it."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.25, 0.0, 0.0, 3.0, 3.0])
+    keep = torch.tensor([True] * 4 + [False] * 2 + [True] * 2)
+    rollout = SimpleNamespace(rewards=rewards, keep=keep, group_size=2)
+    # The two methods read only the rollout, the hyperparameters and the (absent) trainer.
+    module = SimpleNamespace(_trainer=None, hparams=SimpleNamespace(scale_rewards="batch"))
+    module.reward_std = lambda r: GRPO.reward_std(module, r)
+    expected = statistics.stdev([1.0, 0.0, 0.5, 0.25, 3.0, 3.0])
+    assert float(GRPO.reward_std(module, rollout)) == pytest.approx(expected, rel=1e-6)
+    grouped = rewards.view(-1, 2)
+    manual = (grouped - grouped.mean(1, keepdim=True)).reshape(-1) / (expected + 1e-4)
+    torch.testing.assert_close(GRPO.advantages(module, rollout), manual)
