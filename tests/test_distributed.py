@@ -257,3 +257,30 @@ def test_fsdp2_reads_the_checkpoint_on_rank_0_only(tmp_path, synthetic_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     loads = [line for line in done.stdout.splitlines() if line.startswith("PROBE")]
     assert loads == ["PROBE from_pretrained on rank 0"], loads
+
+
+def test_sft_recipe_with_its_logger_and_held_out_report_finishes_on_two_processes(tmp_path, synthetic_dir):
+    """The run that once hung after fit (rank 0 in a metric barrier, rank 1 waiting on a DataLoader worker
+    forked from a threaded process): the SFT recipe as shipped, W&B logger (offline), a DataLoader
+    worker, the held-out report after fit, on 2 processes. Workers now start with spawn; a stuck one
+    would raise (data.worker_timeout) rather than hang, and the subprocess timeout catches a hang."""
+    out = tmp_path / "run"
+    override = {
+        "trainer": {"max_steps": 2, "default_root_dir": str(out), "enable_progress_bar": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                               "init_args": {"project": "lightning-vlm", "save_dir": str(out), "offline": True}},
+                    "callbacks": [{"class_path": "lightning_vlm.export.ExportHF",
+                                   "init_args": {"dirpath": str(out / "hf")}}]},
+        "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}},
+                                "eval_max_new_tokens": 2}},
+        "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "sft_train.jsonl"),
+                               "val": str(synthetic_dir / "sft_val.jsonl"), "batch_size": 2,
+                               "eval_batch_size": 8, "num_workers": 1, "worker_timeout": 120}},
+    }  # fmt: skip
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    cmd = [str(CLI), "fit", "--config", str(ROOT / "zoo" / "tiny_qwen2vl_sft.yaml"), "--config",
+           str(ROOT / "configs" / "ddp_cpu.yaml"), "--config", str(path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "val/accuracy" in done.stdout and (out / "hf" / "config.json").is_file()

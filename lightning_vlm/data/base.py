@@ -57,6 +57,7 @@ class VLMDataModule(L.LightningDataModule):
         check_images: bool = True,
         synthetic: SyntheticData | None = None,
         seed: int = 0,
+        worker_timeout: float = 600.0,
     ):
         """
         Args:
@@ -68,7 +69,9 @@ class VLMDataModule(L.LightningDataModule):
             columns: Map our column names to the dataset's, e.g. ``{images: image}``.
             batch_size: Rows per training batch (per device).
             eval_batch_size: Rows per validation / prediction batch (defaults to ``batch_size``).
-            num_workers: DataLoader workers; images are decoded and processed there.
+            num_workers: DataLoader workers; images are decoded and processed there. They start with
+                ``spawn``: a worker forked from a process that already runs threads (W&B, tqdm,
+                tokenizers, gloo) can deadlock holding one of their locks.
             max_length: Longest tokenised row (image tokens included).
             overlong: A row longer than ``max_length``: ``error``, or ``drop`` and count. Rows are
                 never cut, so image tokens are never cut through.
@@ -78,6 +81,8 @@ class VLMDataModule(L.LightningDataModule):
                 before training); when off only headers are read.
             synthetic: Write the bundled synthetic data first (offline quickstart and tests).
             seed: Seed of the training shuffle.
+            worker_timeout: Seconds a worker may take to deliver a batch before the run stops with an
+                error naming the rank (0 waits forever).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -169,7 +174,8 @@ class VLMDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, collate, shuffle: bool) -> DataLoader:
         h = self.hparams
-        return DataLoader(
+        workers = {"multiprocessing_context": "spawn", "timeout": h.worker_timeout} if h.num_workers else {}
+        return WorkerLoader(
             self.datasets[split],
             batch_size=h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size),
             num_workers=h.num_workers,
@@ -177,6 +183,7 @@ class VLMDataModule(L.LightningDataModule):
             persistent_workers=h.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             sampler=self._train_sampler() if shuffle else None,
+            **workers,
         )
 
     def _train_sampler(self) -> ResumableSampler:
@@ -199,6 +206,28 @@ class VLMDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         resume = state.get("resume") or {}
         self._resume = (resume.get("epoch", 0), resume.get("rows", 0))
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker timeout says which rank waited, and what to do about it."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                if "timed out" not in str(err):
+                    raise
+                rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+                raise RuntimeError(
+                    f"rank {rank}: a DataLoader worker delivered no batch in {self.timeout:g} s "
+                    "(data.worker_timeout): it is stuck or too slow. Raise data.worker_timeout, or set "
+                    "data.num_workers: 0 to load in the training process"
+                ) from err
+            yield batch
 
 
 class ResumableSampler(DistributedSampler):

@@ -119,3 +119,34 @@ def test_images_as_bytes_collate_like_paths(processor, tmp_path, form):
     assert torch.equal(got["prompt"]["input_ids"], want["prompt"]["input_ids"])
     assert got["answers"] == ["red", "second", "green"]
     assert got["vision"]["image_grid_thw"].shape[0] == 4
+
+
+class _Slow(torch.utils.data.Dataset):
+    """Rows a worker takes 30 s to deliver, like a deadlocked one."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import time
+
+        time.sleep(30)
+        return i
+
+
+def test_loaders_spawn_their_workers_and_a_stuck_worker_fails_naming_the_rank(small_file):
+    """Workers start with spawn (a fork of a threaded process can deadlock), and a worker that delivers
+    nothing within data.worker_timeout stops the run with an error naming the rank and the knob."""
+    from lightning_vlm.data.base import WorkerLoader
+
+    dm = SFTDataModule(train=str(small_file), batch_size=2, num_workers=1, worker_timeout=3)
+    dm.datasets["train"] = _Slow()
+    loader = dm._loader("train", None, shuffle=False)
+    assert isinstance(loader, WorkerLoader) and loader.multiprocessing_context.get_start_method() == "spawn"
+    with pytest.raises(RuntimeError, match=r"rank 0: a DataLoader worker delivered no batch in 3 s \(data.worker_timeout\)"):
+        next(iter(loader))
+    plain = SFTDataModule(train=str(small_file), batch_size=2)  # no workers: nothing to spawn or time out
+    plain.datasets["train"] = [0, 1]
+    inline = plain._loader("train", None, shuffle=False)
+    assert inline.multiprocessing_context is None and inline.timeout == 0
+    assert torch.equal(next(iter(inline)), torch.tensor([0, 1]))
