@@ -139,6 +139,15 @@ class VLMDataModule(L.LightningDataModule):
             )
         return [open_image(r, row["__base"], row["__row"], decode=self.hparams.check_images) for r in refs]
 
+    @staticmethod
+    def check_replies(messages: list[dict], row: int, field: str) -> None:
+        """Refuse an assistant reply with no text: it would train on its end-of-turn token alone."""
+        for k, msg in enumerate(messages):
+            content = msg["content"]
+            text = content if isinstance(content, str) else "".join(p.get("text") or "" for p in content)
+            if msg["role"] == "assistant" and not text.strip():
+                raise BadRowError(f"row {row}: field {field!r}: message {k}, the assistant's reply, is empty")
+
     def token_length(self, text: str, images: list) -> int:
         """Tokens of ``text`` once each image placeholder is expanded, without processing pixels."""
         n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])

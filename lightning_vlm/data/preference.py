@@ -145,6 +145,7 @@ class PreferenceDataModule(VLMDataModule):
             raise BadRowError(f"row {i}: field 'margin': expected a number, got {row['margin']!r}")
         lengths = []
         for response, field in ((chosen, "chosen"), (rejected, "rejected")):
+            self.check_replies(response, i, field)
             text, _ = assistant_spans(self.processor, prompt + response, i, len(prompt), field)
             lengths.append(self.token_length(text, images))
         return max(lengths)

@@ -129,8 +129,10 @@ _GOOD_REPLY = [{"role": "assistant", "content": "red"}]
         ),
         ({"margin": "big"}, None, "row 0: field 'margin': expected a number"),
         ({"chosen": []}, {"chosen": _GOOD_REPLY}, "row 0: field 'chosen': expected a non-empty list"),
+        ({"chosen": ""}, {}, "row 0: field 'chosen': message 0, the assistant's reply, is empty"),
+        ({"rejected": " "}, {}, "row 0: field 'rejected': message 0, the assistant's reply, is empty"),
     ],
-    ids=["markers", "chosen-role", "image-in-response", "margin", "empty"],
+    ids=["markers", "chosen-role", "image-in-response", "margin", "empty", "empty-chosen", "blank-rejected"],
 )
 def test_bad_rows_are_named(row, fixed, message, backbone, tmp_path):
     good = {"image": _image(tmp_path), "question": "What?", "chosen": "red", "rejected": "blue"}

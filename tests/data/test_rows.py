@@ -103,6 +103,16 @@ BAD_ROWS = {
         [user("Colour?", 1), {"role": "assistant"}],
         r"field 'messages': message 1 needs 'role' and 'content'",
     ),
+    "empty_reply": (
+        ["img/good.png"],
+        [user("Colour?", 1), assistant("")],
+        r"field 'messages': message 1, the assistant's reply, is empty",
+    ),
+    "blank_middle_reply": (
+        ["img/good.png"],
+        [user("Colour?", 1), {"role": "assistant", "content": []}, user("Again?"), assistant("red")],
+        r"field 'messages': message 1, the assistant's reply, is empty",
+    ),
 }
 
 
