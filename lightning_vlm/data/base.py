@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -182,7 +183,7 @@ class VLMDataModule(L.LightningDataModule):
             self.datasets[split],
             batch_size=h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size),
             num_workers=h.num_workers,
-            collate_fn=collate,
+            collate_fn=partial(naming_source, collate, self.sources[split]),
             persistent_workers=h.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             sampler=self._train_sampler() if shuffle else None,
@@ -208,6 +209,14 @@ class VLMDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         resume = state.get("resume") or {}
         self._resume = (resume.get("epoch", 0), resume.get("rows", 0))
+
+
+def naming_source(collate, source: str, rows: list[dict]):
+    """``collate(rows)``, its bad rows (an image that fails only when decoded) named with their source."""
+    try:
+        return collate(rows)
+    except BadRowError as err:
+        raise BadRowError(f"{source}: {err}") from err
 
 
 class ResumableSampler(DistributedSampler):
