@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -144,6 +145,15 @@ class VLMDataModule(L.LightningDataModule):
             )
         return [open_image(r, row["__base"], row["__row"], decode=self.hparams.check_images) for r in refs]
 
+    @staticmethod
+    def check_replies(messages: list[dict], row: int, field: str) -> None:
+        """Refuse an assistant reply with no text: it would train on its end-of-turn token alone."""
+        for k, msg in enumerate(messages):
+            content = msg["content"]
+            text = content if isinstance(content, str) else "".join(p.get("text") or "" for p in content)
+            if msg["role"] == "assistant" and not text.strip():
+                raise BadRowError(f"row {row}: field {field!r}: message {k}, the assistant's reply, is empty")
+
     def token_length(self, text: str, images: list) -> int:
         """Tokens of ``text`` once each image placeholder is expanded, without processing pixels."""
         n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -179,7 +189,7 @@ class VLMDataModule(L.LightningDataModule):
             self.datasets[split],
             batch_size=h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size),
             num_workers=h.num_workers,
-            collate_fn=collate,
+            collate_fn=partial(naming_source, collate, self.sources[split]),
             persistent_workers=h.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             sampler=self._train_sampler() if shuffle else None,
@@ -228,6 +238,14 @@ class WorkerLoader(DataLoader):
                     "data.num_workers: 0 to load in the training process"
                 ) from err
             yield batch
+
+
+def naming_source(collate, source: str, rows: list[dict]):
+    """``collate(rows)``, its bad rows (an image that fails only when decoded) named with their source."""
+    try:
+        return collate(rows)
+    except BadRowError as err:
+        raise BadRowError(f"{source}: {err}") from err
 
 
 class ResumableSampler(DistributedSampler):

@@ -9,11 +9,12 @@ public layouts map onto it with ``data.columns`` (docs/data.md): RLAIF-V
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_vlm.data.base import VLMDataModule
+from lightning_vlm.data.base import VLMDataModule, naming_source
 from lightning_vlm.data.collate import assistant_spans, encode, image_token_counts, label_masks, stack_blocks
 from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image_parts, open_image
 
@@ -145,6 +146,7 @@ class PreferenceDataModule(VLMDataModule):
             raise BadRowError(f"row {i}: field 'margin': expected a number, got {row['margin']!r}")
         lengths = []
         for response, field in ((chosen, "chosen"), (rejected, "rejected")):
+            self.check_replies(response, i, field)
             text, _ = assistant_spans(self.processor, prompt + response, i, len(prompt), field)
             lengths.append(self.token_length(text, images))
         return max(lengths)
@@ -161,6 +163,6 @@ class PreferenceDataModule(VLMDataModule):
             self.datasets[split],
             batch_size=h.eval_batch_size or h.batch_size,
             num_workers=h.num_workers,
-            collate_fn=self._collator(split),
+            collate_fn=partial(naming_source, self._collator(split), self.sources[split]),
             sampler=DistributedSampler(self.datasets[split], world, rank, shuffle=False),
         )

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from PIL import Image
 
 ROW = "__row"
 BASE = "__base"
+FILE_TYPES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
 class BadRowError(ValueError):
@@ -36,19 +38,15 @@ def load_source(source: str, columns: dict[str, str], required: tuple[str, ...])
     suffix = path.suffix.lower()
     if path.is_dir():
         ds, base = datasets.load_from_disk(str(path)), str(path)
-    elif suffix in (".jsonl", ".json", ".parquet", ".arrow"):
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset file not found: {source}")
-        if suffix in (".jsonl", ".json"):
-            ds = datasets.Dataset.from_list(read_json_rows(path))
-        else:
-            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-        base = str(path.parent.resolve())
+    elif suffix in FILE_TYPES or path.is_file():  # another existing file is refused, not sought on a hub
+        ds, base = read_file(path, source), str(path.parent.resolve())
     else:
         name, _, split = source.partition(":")
         ds, base = datasets.load_dataset(name, split=split or "train"), "."
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"{source}: holds several splits {list(ds)}; point at one")
+    if len(ds) == 0:
+        raise ValueError(f"{source}: holds no rows")
     renames = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
     for theirs in renames:
         if theirs not in ds.column_names:
@@ -64,32 +62,61 @@ def load_source(source: str, columns: dict[str, str], required: tuple[str, ...])
     return ds.add_column(BASE, [base] * len(ds))
 
 
+def read_file(path: Path, source: str):
+    """A data file as a ``datasets.Dataset``; errors name the file."""
+    import datasets
+
+    kind = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {source}")
+    if kind in (".jsonl", ".json"):
+        rows = read_json_rows(path)
+        table = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}  # all keys
+        try:
+            return datasets.Dataset.from_dict(table)
+        except pa.ArrowException:  # types vary across rows (a number among strings, ...): keep each as JSON
+            return datasets.Dataset.from_dict(table, on_mixed_types="use_json")
+    if kind not in FILE_TYPES:
+        raise ValueError(f"{source}: unknown file type; data files end in {', '.join(FILE_TYPES)}")
+    try:
+        return datasets.load_dataset(kind[1:], data_files=str(path), split="train")
+    except Exception as err:  # noqa: BLE001 - pyarrow's errors do not name the file
+        raise ValueError(
+            f"{source}: unreadable {kind[1:]} (empty or damaged?): {err.__cause__ or err}"
+        ) from err
+
+
 def read_json_rows(path: Path) -> list[dict]:
     """Read a .jsonl (or a .json list) and give every chat message list-of-parts content.
 
     Arrow needs one type per column; a file mixing ``"content": "2"`` and ``"content": [parts]``
-    would otherwise be stored as JSON text and read back as the integer 2.
+    would otherwise need a JSON column for it. Errors name the file and the line.
     """
-    text = path.read_text()
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is fine
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise BadRowError(f"{path}: line {line} is not UTF-8 ({err.reason}); save it as UTF-8") from err
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise BadRowError(f"{path}: line {line_no} is not valid JSON: {err}") from err
-    for row in rows:
-        for key, value in row.items():
-            if (
-                isinstance(value, list)
-                and value
-                and all(isinstance(m, dict) and "content" in m for m in value)
-            ):
-                row[key] = [_parts(m) for m in value]
-    return rows
+        items = [(f"item {k}", row) for k, row in enumerate(_loads(text, path))]
+    else:  # newlines only: a JSON string may hold other line breaks (U+2028, ...)
+        lines = enumerate(text.split("\n"), 1)
+        items = [(f"line {n}", _loads(line, path, n)) for n, line in lines if line.strip()]
+    for where, row in items:
+        if not isinstance(row, dict):
+            raise BadRowError(f"{path}: {where} is not a JSON object: {row!r:.80}")
+        for key, v in row.items():
+            if isinstance(v, list) and v and all(isinstance(m, dict) and "content" in m for m in v):
+                row[key] = [_parts(m) for m in v]
+    return [row for _, row in items]
+
+
+def _loads(text: str, path: Path, line: int = 0) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadRowError(f"{path}: line {line or err.lineno} is not valid JSON: {err.msg}") from err
 
 
 def _parts(message: dict) -> dict:
@@ -142,8 +169,8 @@ def count_image_parts(messages: Any, row: int, field: str) -> int:
         raise BadRowError(f"row {row}: field {field!r}: expected a non-empty list of messages")
     n = 0
     for k, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") is None or msg.get("content") is None:
-            raise BadRowError(f"row {row}: field {field!r}: message {k} needs 'role' and 'content'")
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg.get("content") is None:
+            raise BadRowError(f"row {row}: field {field!r}: message {k} needs a 'role' string and 'content'")
         content = msg["content"]
         if isinstance(content, str):
             continue
@@ -154,7 +181,7 @@ def count_image_parts(messages: Any, row: int, field: str) -> int:
             if kind == "image":
                 n += 1
             elif kind != "text" or not isinstance(part.get("text"), str):
-                raise BadRowError(f"row {row}: field {field!r}: message {k} has an unknown part {part!r}")
+                raise BadRowError(f"row {row}: field {field!r}: message {k} has a bad part {part!r}")
     return n
 
 

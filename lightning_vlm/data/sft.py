@@ -22,6 +22,7 @@ class SFTDataModule(VLMDataModule):
         n_images = count_image_parts(messages, i, "messages")
         if messages[-1].get("role") != "assistant":
             raise BadRowError(f"row {i}: field 'messages': the last message must be the assistant's reply")
+        self.check_replies(messages, i, "messages")
         images = self.images_of(row, n_images, "messages")
         return self.token_length(render(self.processor, messages), images)
 

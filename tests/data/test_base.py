@@ -141,12 +141,12 @@ def test_loaders_spawn_their_workers_and_a_stuck_worker_fails_naming_the_rank(sm
 
     dm = SFTDataModule(train=str(small_file), batch_size=2, num_workers=1, worker_timeout=3)
     dm.datasets["train"] = _Slow()
-    loader = dm._loader("train", None, shuffle=False)
+    loader = dm._loader("train", torch.utils.data.default_collate, shuffle=False)
     assert isinstance(loader, WorkerLoader) and loader.multiprocessing_context.get_start_method() == "spawn"
     with pytest.raises(RuntimeError, match=r"rank 0: a DataLoader worker delivered no batch in 3 s \(data.worker_timeout\)"):
         next(iter(loader))
     plain = SFTDataModule(train=str(small_file), batch_size=2)  # no workers: nothing to spawn or time out
     plain.datasets["train"] = [0, 1]
-    inline = plain._loader("train", None, shuffle=False)
+    inline = plain._loader("train", torch.utils.data.default_collate, shuffle=False)
     assert inline.multiprocessing_context is None and inline.timeout == 0
     assert torch.equal(next(iter(inline)), torch.tensor([0, 1]))

@@ -127,10 +127,12 @@ _GOOD_REPLY = [{"role": "assistant", "content": "red"}]
             {"rejected": [{"role": "assistant", "content": [{"type": "text", "text": "x"}]}]},
             "row 0: field 'rejected': images belong in the prompt",
         ),
-        ({"margin": "big"}, None, "row 0: field 'margin': expected a number"),
+        ({"margin": "big"}, {"margin": 1.0}, "row 0: field 'margin': expected a number"),
         ({"chosen": []}, {"chosen": _GOOD_REPLY}, "row 0: field 'chosen': expected a non-empty list"),
+        ({"chosen": ""}, {}, "row 0: field 'chosen': message 0, the assistant's reply, is empty"),
+        ({"rejected": " "}, {}, "row 0: field 'rejected': message 0, the assistant's reply, is empty"),
     ],
-    ids=["markers", "chosen-role", "image-in-response", "margin", "empty"],
+    ids=["markers", "chosen-role", "image-in-response", "margin", "empty", "empty-chosen", "blank-rejected"],
 )
 def test_bad_rows_are_named(row, fixed, message, backbone, tmp_path):
     good = {"image": _image(tmp_path), "question": "What?", "chosen": "red", "rejected": "blue"}
@@ -138,9 +140,7 @@ def test_bad_rows_are_named(row, fixed, message, backbone, tmp_path):
     source = _write(tmp_path / "bad.jsonl", [{**good, **row}])
     with pytest.raises(BadRowError, match=message):
         pref_dm(backbone.processor, source, columns=columns)
-    # skipped and counted; the good row (same column types, as Arrow needs) is kept
-    if fixed is None:  # Arrow cannot hold a string and a number in one column
-        return
+    # skipped and counted, also when the two rows' types differ (Arrow stores such a column as JSON)
     both = _write(tmp_path / "both.jsonl", [{**good, **row}, {**good, **fixed}])
     dm = pref_dm(backbone.processor, both, columns=columns, bad_rows="skip")
     assert len(dm.datasets["train"]) == 1 and dm.skipped[str(both)] == {"bad": 1}

@@ -285,6 +285,25 @@ def test_bad_message_rows_are_named_or_skipped(prompt, message, processor, tmp_p
     assert dm.datasets["train"]["__row"] == [0] and dm.skipped[str(source)] == {"bad": 1}
 
 
+def test_rows_whose_types_vary_load_as_written(processor, tmp_path):
+    """Arrow needs one type per column; a JSON file need not have it (a numeric answer among strings,
+    string and message prompts mixed, a bare image beside a list, a column first seen in a later row)."""
+    a = _image(tmp_path, "a.png", "red")
+    native = _write(tmp_path / "native.jsonl", [
+        {"images": [a], "prompt": _user(None, "What colour?"), "answer": "red"},
+        {"images": [a], "prompt": _user(None, "How many?"), "answer": "1"},
+        {"images": [], "prompt": _user("Half of 5?"), "answer": "1"},
+    ])  # fmt: skip
+    varied = _write(tmp_path / "varied.jsonl", [
+        {"images": a, "prompt": "What colour?", "answer": "red"},
+        {"images": [a], "prompt": _user(None, "How many?"), "answer": 1},
+        {"images": [], "prompt": "Half of 5?", "answer": 2.5, "task": "maths"},
+    ])  # fmt: skip
+    got = _first(_dm(processor, varied))
+    _same(got, _first(_dm(processor, native)))
+    assert got["columns"]["answer"] == ["red", 1, 2.5] and got["columns"]["task"] == [None, None, "maths"]
+
+
 def test_missing_prompt_column_names_the_mapping(processor, tmp_path):
     source = _write(tmp_path / "r.jsonl", [{"image": _image(tmp_path, "a.png", "red"), "problem": "q"}])
     with pytest.raises(KeyError, match=r"missing column 'prompt' \(map it with data.columns"):

@@ -3,9 +3,7 @@ limit is exact, never cut), invalid JSON lines."""
 
 from __future__ import annotations
 
-import random
 import re
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -17,6 +15,7 @@ from tests.helpers.sft_data import (
     datamodule,
     draw,
     expected_image_tokens,
+    noisy_png,
     one_batch,
     real_ids,
     user,
@@ -59,13 +58,6 @@ def test_mapping_to_absent_column_names_it(processor, renamed_file):
 # ---------------------------------------------------------------------- bad rows
 
 
-def noisy_png(path: Path, size: int = 96) -> bytes:
-    """A PNG of random pixels (large, barely compressible), saved at ``path``; return its bytes."""
-    rng = random.Random(0)
-    Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3)).save(path)
-    return path.read_bytes()
-
-
 BAD_ROWS = {
     # kind: (images, messages, regex after "row N: ")
     "unreadable": (
@@ -101,7 +93,27 @@ BAD_ROWS = {
     "no_content": (
         ["img/good.png"],
         [user("Colour?", 1), {"role": "assistant"}],
-        r"field 'messages': message 1 needs 'role' and 'content'",
+        r"field 'messages': message 1 needs a 'role' string and 'content'",
+    ),
+    "empty_reply": (
+        ["img/good.png"],
+        [user("Colour?", 1), assistant("")],
+        r"field 'messages': message 1, the assistant's reply, is empty",
+    ),
+    "blank_middle_reply": (
+        ["img/good.png"],
+        [user("Colour?", 1), {"role": "assistant", "content": []}, user("Again?"), assistant("red")],
+        r"field 'messages': message 1, the assistant's reply, is empty",
+    ),
+    "number_content": (  # a number among strings: Arrow cannot store it as text
+        ["img/good.png"],
+        [user("Colour?", 1), {"role": "assistant", "content": 5}],
+        r"field 'messages': message 1 content must be a string or a list",
+    ),
+    "number_text": (
+        ["img/good.png"],
+        [user("Colour?", 1), {"role": "assistant", "content": [{"type": "text", "text": 7}]}],
+        r"field 'messages': message 1 has a bad part \{'type': 'text', 'text': 7\}",
     ),
 }
 
@@ -152,7 +164,7 @@ def test_truncated_image_is_caught_at_setup_only_when_checking_images(processor,
     # Headers alone look fine: setup passes and the row only fails when collated.
     dm = datamodule(processor, path, check_images=False)
     assert dm.skipped[path] == {}
-    with pytest.raises(BadRowError, match=r"row 0: field 'images'.*truncated"):
+    with pytest.raises(BadRowError, match=rf"^{re.escape(path)}: row 0: field 'images'.*truncated"):
         one_batch(dm)
 
 
@@ -163,11 +175,50 @@ def test_all_rows_bad_is_an_error(processor, tmp_path):
         datamodule(processor, path, bad_rows="skip")
 
 
-def test_invalid_json_line_is_named(processor, tmp_path):
-    path = tmp_path / "broken.jsonl"
-    path.write_text('{"images": [], "messages": []}\n{"images": [,\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl: line 2 is not valid JSON"):
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("broken.jsonl", '{"images": [], "messages": []}\n{"images": [,\n', "line 2 is not valid JSON"),
+        ("broken.json", '[{"images": [], "messages": []},\n {"images": [,\n]', "line 2 is not valid JSON"),
+        ("list.jsonl", '{"images": [], "messages": []}\n[1, 2]\n', "line 2 is not a JSON object"),
+        ("list.json", '[{"images": [], "messages": []},\n 7]', "item 1 is not a JSON object"),
+    ],
+)
+def test_invalid_json_line_is_named(processor, tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {message}"):
         datamodule(processor, path).setup("fit")
+
+
+def test_a_file_that_is_not_utf8_names_file_and_line(processor, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = '{"images": [], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}'
+    path.write_bytes((good + "\n" + good.replace("Yo", "Caf\xe9")).encode("latin-1"))
+    with pytest.raises(BadRowError, match=rf"^{re.escape(str(path))}: line 2 is not UTF-8"):
+        datamodule(processor, str(path))
+    bom = tmp_path / "bom.jsonl"  # a UTF-8 byte order mark, as some editors write it, is fine
+    bom.write_bytes(b"\xef\xbb\xbf" + (good + "\n").encode())
+    assert len(datamodule(processor, str(bom)).datasets["train"]) == 1
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "[]"], ids=["empty", "blank-lines", "empty-list"])
+def test_an_empty_file_says_it_holds_no_rows(processor, tmp_path, text):
+    path = tmp_path / ("empty.json" if text == "[]" else "empty.jsonl")
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: holds no rows$"):
+        datamodule(processor, str(path))
+
+
+def test_a_field_first_seen_in_a_later_row_is_kept(processor, tmp_path):
+    name = draw(tmp_path / "img" / "a.png", (64, 64), (220, 30, 30))
+    row = {"images": [name], "messages": [user("Colour?", 1), assistant("red")]}
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": row["messages"]}, row, {**row, "task": "colour"}])
+    with pytest.raises(
+        BadRowError, match=r"row 0: field 'messages' has 1 image placeholder\(s\) but 'images' lists 0"
+    ):
+        datamodule(processor, path)  # not "missing column 'images'": the column is in rows 1 and 2
+    assert datamodule(processor, path, bad_rows="skip").datasets["train"]["task"] == [None, "colour"]
 
 
 # ---------------------------------------------------------------------- overlong rows

@@ -4,6 +4,7 @@ datamodule and its one batch."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -24,6 +25,13 @@ def draw(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> str
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return f"{path.parent.name}/{path.name}"
+
+
+def noisy_png(path: Path, size: int = 96) -> bytes:
+    """A PNG of random pixels (large, barely compressible), saved at ``path``; return its bytes."""
+    rng = random.Random(0)
+    Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3)).save(path)
+    return path.read_bytes()
 
 
 def user(text: str, n_images: int = 0) -> dict:
