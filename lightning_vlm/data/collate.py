@@ -139,6 +139,32 @@ def encode(processor, texts: list[str], images: list, **kwargs) -> dict[str, Any
     return batch
 
 
+class _ProcessOnce:
+    """A processor's image processor that runs once: later calls get the first result (encode_blocks)."""
+
+    def __init__(self, inner):
+        self.inner, self.out = inner, None
+
+    def __getattr__(self, name: str):  # merge_size, fetch_images, ...: the real image processor's
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.out is None:
+            self.out = self.inner(*args, **kwargs)
+        return self.out
+
+
+def encode_blocks(processor, blocks: list[list[str]], images: list) -> list[dict[str, Any]]:
+    """:func:`encode` each block of texts with the same ``images`` (blocks of sequences over the same
+    prompts), running the image processor once: later blocks reuse its pixels and image-token counts."""
+    inner = processor.image_processor
+    processor.image_processor = _ProcessOnce(inner)
+    try:
+        return [encode(processor, texts, images) for texts in blocks]
+    finally:
+        processor.image_processor = inner
+
+
 def strip_final_answer(messages: list[dict]) -> tuple[list[dict], str]:
     """Split a conversation into the prompt (all but the last assistant turn) and that turn's text."""
     content = messages[-1]["content"]
@@ -169,13 +195,14 @@ class SFTCollator:
             row_images = [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
             counts.append(image_token_counts(self.processor, row_images))
             images += row_images
-        batch = encode(self.processor, texts, images)
+        blocks = [texts]
+        if self.with_prompts:  # a second block with the same images: they are processed once for both
+            prompts, answers = zip(*(strip_final_answer(r["messages"]) for r in rows), strict=True)
+            blocks.append([render(self.processor, p, add_generation_prompt=True) for p in prompts])
+        batch, *prompt = encode_blocks(self.processor, blocks, images)
         ids = [r[ROW] for r in rows]
         batch["labels_mask"] = label_masks(self.processor, batch, texts, spans, counts, ids)
         batch["rows"] = ids
         if self.with_prompts:
-            prompts, answers = zip(*(strip_final_answer(r["messages"]) for r in rows), strict=True)
-            texts = [render(self.processor, p, add_generation_prompt=True) for p in prompts]
-            batch["prompt"] = encode(self.processor, texts, images)
-            batch["answers"] = list(answers)
+            batch["prompt"], batch["answers"] = prompt[0], list(answers)
         return batch

@@ -15,7 +15,13 @@ from typing import Any
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_vlm.data.base import VLMDataModule, naming_source
-from lightning_vlm.data.collate import assistant_spans, encode, image_token_counts, label_masks, stack_blocks
+from lightning_vlm.data.collate import (
+    assistant_spans,
+    encode_blocks,
+    image_token_counts,
+    label_masks,
+    stack_blocks,
+)
 from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image_parts, open_image
 
 IMAGE_MARKER = re.compile(r"<image>\n?")
@@ -102,10 +108,10 @@ class PreferenceCollator:
             counts.append(image_token_counts(self.processor, row_images))
             images += row_images
         if self.vision_once:
-            blocks = [encode(self.processor, block, images) for block in texts]
+            blocks = encode_blocks(self.processor, texts, images)  # each image processed once
             batch = stack_blocks(blocks, self.processor.tokenizer.pad_token_id)
         else:
-            batch = encode(self.processor, texts[0] + texts[1], images + images)
+            batch = encode_blocks(self.processor, [texts[0] + texts[1]], images + images)[0]
         ids = [r[ROW] for r in rows]
         batch["labels_mask"] = label_masks(
             self.processor, batch, texts[0] + texts[1], spans[0] + spans[1], counts + counts, ids + ids

@@ -148,8 +148,10 @@ class VLMBackbone(nn.Module):
     @property
     def vision_is_frozen(self) -> bool:
         """Nothing on the image side trains (tower, projector or adapters on them), so the policy and
-        the reference compute the same image features."""
-        return not any(p.requires_grad for p in image_side_parameters(unwrap(self.model)))
+        the reference compute the same image features. peft adapters count even inside
+        :meth:`reference`, whose ``disable_adapter`` switches their ``requires_grad`` off."""
+        image_side = image_side_parameters(unwrap(self.model))
+        return not any(p.requires_grad or "lora_" in n or "modules_to_save" in n for n, p in image_side)
 
     def hidden_states(
         self,

@@ -21,18 +21,18 @@ def has_images(vision: dict[str, Any]) -> bool:
     return any(key.startswith("pixel_") for key in vision)
 
 
-def image_side_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every weight that image features depend on: the inner model minus its language model (the
-    vision tower and the projector, e.g. LLaVA's ``multi_modal_projector``, with any adapters)."""
+def image_side_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every weight that image features depend on, by name: the inner model minus its language model
+    (the vision tower and the projector, e.g. LLaVA's ``multi_modal_projector``, with any adapters)."""
     inner = model.model
     language = getattr(inner, "language_model", None)
     if language is None:  # an unknown layout: everything, so that nothing is wrongly shared
-        return list(inner.parameters())
+        return list(inner.named_parameters())
     skip = {id(p) for p in language.parameters()}
-    return [p for p in inner.parameters() if id(p) not in skip]
+    return [(n, p) for n, p in inner.named_parameters() if id(p) not in skip]
 
 
-def encode_images(model: nn.Module, params: list[nn.Parameter], vision: dict[str, Any]) -> dict[str, Any]:
+def encode_images(model: nn.Module, params: list[tuple[str, nn.Parameter]], vision: dict[str, Any]) -> dict:
     """``{"image": output of the model's get_image_features}`` for the images in ``vision``.
 
     Gradients flow only when some of ``params`` (the image side's weights) train; a frozen image
@@ -42,7 +42,7 @@ def encode_images(model: nn.Module, params: list[nn.Parameter], vision: dict[str
     fn = owner.get_image_features
     accepted = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in vision.items() if k in accepted}
-    trainable = any(p.requires_grad for p in params)
+    trainable = any(p.requires_grad for _, p in params)
     with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
         return {"image": fn(**kwargs, return_dict=True)}
 

@@ -175,7 +175,7 @@ class RolloutCallback(L.Callback):
         G = self.G if sampling.do_sample else 1
         ids, mask, vision = batch["input_ids"], batch["attention_mask"], batch["vision"]
         features = None
-        if sampling.do_sample and has_images(vision):  # once per step, reused when the image side is frozen
+        if sampling.do_sample and has_images(vision):  # once per step (Rollout.features says who reuses it)
             features = bb.encode_images(vision)
         row_seeds = None
         if self.per_prompt_seeds and sampling.do_sample:
@@ -194,7 +194,7 @@ class RolloutCallback(L.Callback):
             prompt_ids=ids,
             prompt_mask=mask,
             vision=vision,
-            features=features if bb.vision_is_frozen else None,
+            features=features,
             completion_ids=completions,
             completion_mask=cmask,
             group_size=G,

@@ -16,8 +16,10 @@ from lightning_vlm.rollout.engines import SamplingSettings
 class Rollout:
     """One prompt batch and its sampled, scored completions. Sample k of prompt i is row ``i * G + k``.
 
-    The callback fills the first block. ``features`` holds the prompts' image features when the
-    image side is frozen: every forward over the rollout reuses them instead of re-encoding.
+    The callback fills the first block. ``features`` holds the prompts' image features, computed
+    without gradient at the weights that sampled: with a frozen image side every forward over the
+    rollout reuses them; with a trained one only the policy's no-grad passes before the rollout's
+    first optimiser step do (the old-policy pass), and training drops them.
     ``keep`` is False for samples whose group dynamic sampling dropped; they carry no loss. The
     objective fills the second block in its ``on_rollout`` hook.
     """

@@ -13,6 +13,7 @@ from PIL import Image
 from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
 from lightning_vlm.data.rows import BadRowError
 from tests.helpers.preference import first_batch, pref_dm
+from tests.helpers.processing import count_image_processing
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,20 @@ def test_batch_is_chosen_block_then_rejected_block_with_completion_labels(backbo
     assert per_seq["copies"] == 1
     assert per_seq["vision"]["image_grid_thw"].shape[0] == 2 * batch["vision"]["image_grid_thw"].shape[0]
     assert torch.equal(per_seq["labels_mask"].sum(-1), batch["labels_mask"].sum(-1))
+
+
+def test_each_image_is_processed_once_per_pair(backbone, synthetic_dir, monkeypatch):
+    per_seq = first_batch(pref_dm(backbone.processor, synthetic_dir / "pref_train.jsonl", vision_once=False))
+    processed = count_image_processing(monkeypatch, backbone.processor)
+    batch = first_batch(pref_dm(backbone.processor, synthetic_dir / "pref_train.jsonl"))
+    n = batch["vision"]["image_grid_thw"].shape[0]
+    assert processed == [n]  # not once for the chosen block and again for the rejected one
+    # The same batch as processing every sequence's own copy of the images.
+    for key in ("input_ids", "attention_mask", "labels_mask"):
+        assert torch.equal(batch[key], per_seq[key]), key
+    assert torch.equal(batch["vision"]["mm_token_type_ids"], per_seq["vision"]["mm_token_type_ids"])
+    for key in ("pixel_values", "image_grid_thw"):
+        assert torch.equal(torch.cat([batch["vision"][key]] * 2), per_seq["vision"][key]), key
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

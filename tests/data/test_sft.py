@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lightning_vlm.data.collate import encode, render
+from lightning_vlm.data.rows import open_image
+from tests.helpers.processing import count_image_processing
 from tests.helpers.sft_data import (
     END,
     GEN_PROMPT,
@@ -139,7 +142,7 @@ def test_multi_image_rows_and_image_in_second_turn(processor, tmp_path):
 # ---------------------------------------------------------------------- validation prompts
 
 
-def test_validation_prompts_and_answers(processor, tmp_path):
+def test_validation_prompts_and_answers(processor, tmp_path, monkeypatch):
     img = tmp_path / "img"
     rows = [
         {
@@ -165,7 +168,17 @@ def test_validation_prompts_and_answers(processor, tmp_path):
     ]
     path = write_jsonl(tmp_path / "v.jsonl", rows)
     dm = datamodule(processor, path, val=path, batch_size=2, eval_batch_size=len(rows))
+    images = [open_image(ref, str(tmp_path), k) for k, row in enumerate(rows) for ref in row["images"]]
+    texts = [render(processor, row["messages"][:-1], add_generation_prompt=True) for row in rows]
+    want = encode(processor, texts, images)  # the prompts processed on their own
+    processed = count_image_processing(monkeypatch, processor)
     batch = one_batch(dm, "val")
+    assert processed == [len(images)]  # once for the sequences and their prompts, not once for each
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(batch["prompt"][key], want[key]), key
+    assert want["vision"].keys() == batch["prompt"]["vision"].keys()
+    for key, value in want["vision"].items():
+        assert torch.equal(batch["prompt"]["vision"][key], value), key
     tok = processor.tokenizer
     assert batch["rows"] == [0, 1, 2], "validation keeps the file order"
     assert batch["answers"] == ["red", "blue", "first"]

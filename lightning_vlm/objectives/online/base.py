@@ -15,7 +15,8 @@ and fills in three hooks:
 The loop (``loop: OnlineSettings``): each rollout trains ``num_iterations`` passes of
 ``mini_batches`` optimiser steps of ``accumulation`` forwards each (manual optimisation). A
 chunk is "samples k..k' of every prompt", laid out in block order, so each forward encodes each
-prompt's image once, or not at all when the image side is frozen (the rollout's features).
+prompt's image once, or not at all when the image side is frozen (the rollout's features; a trained
+image side reuses them only for the old-policy pass, see ``Rollout``).
 """
 
 from __future__ import annotations

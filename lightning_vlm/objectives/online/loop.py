@@ -56,8 +56,10 @@ def forward(objective, rollout: Rollout, samples: list[int], model=None, entropy
     """(log-probs (R, N), entropies or None, router aux loss or None) for ``samples`` of every prompt."""
     bb = objective.backbone
     seq = rollout.sequences(samples)
-    # The reference shares the policy's image features only when nothing on the image side trains.
-    features = rollout.features if (model is None or bb.vision_is_frozen) else None
+    # The rollout's features (no gradient, the sampling weights; see Rollout) serve every forward when
+    # nothing on the image side trains, else only the policy's no-grad passes until ``train`` drops them.
+    share = bb.vision_is_frozen or (model is None and not torch.is_grad_enabled())
+    features = rollout.features if share else None
     args = (
         seq["input_ids"],
         seq["attention_mask"],
@@ -88,6 +90,9 @@ def train(objective, rollouts: list[Rollout]) -> None:
     """``num_iterations`` passes over the rollouts; each pass takes ``mini_batches`` optimiser steps."""
     m, s = objective, objective.settings
     opt, sched = m.optimizers(), m.lr_schedulers()
+    if not m.backbone.vision_is_frozen:  # a trained image side: the features go stale with the first step
+        for r in rollouts:
+            r.features = None
     history: dict[str, list[torch.Tensor]] = {}
     for _ in range(s.num_iterations):
         for step in chunks(m, rollouts[0].group_size):

@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
-from lightning_vlm.data.collate import encode, render
+from lightning_vlm.data.collate import encode_blocks, render, stack_blocks
 from lightning_vlm.data.preference import prompt_messages, response_messages
 from lightning_vlm.data.rows import as_list, open_image
 from lightning_vlm.losses import reward_model_loss
 from lightning_vlm.model.backbone import BackboneConfig, VLMBackbone
+from lightning_vlm.model.vision import has_images
 from lightning_vlm.objectives.base import VLMObjective
 
 HEAD_FILE, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
@@ -54,9 +56,10 @@ class RewardModel(VLMObjective):
         super().load_models()
         freeze_lm_head(self.backbone.model)
 
-    def scores(self, input_ids, attention_mask, vision, copies: int = 1) -> torch.Tensor:
-        """(N,) score of each sequence, read at its last non-padding token."""
-        hidden = self.backbone.hidden_states(input_ids, attention_mask, vision, copies=copies)  # (N, T, H)
+    def scores(self, input_ids, attention_mask, vision, copies: int = 1, features=None) -> torch.Tensor:
+        """(N,) score of each sequence, read at its last non-padding token (``copies``, ``features``: as
+        in :meth:`VLMBackbone.hidden_states`)."""
+        hidden = self.backbone.hidden_states(input_ids, attention_mask, vision, None, copies, features)
         last = attention_mask.cumsum(-1).argmax(-1)  # (N,) index of the last real token
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
@@ -176,6 +179,8 @@ class RewardModelReward:
     processor, with the sample's images), and scored at its last token. The model loads once, on the
     first call, so parsing a config stays cheap. Images come from the ``images`` keyword (the
     rollout passes each prompt's opened images; paths are read relative to the working directory).
+    The completions of one prompt (the rollout's ``group`` keyword) share its images, which are
+    processed and encoded once for them all.
     """
 
     def __init__(
@@ -210,30 +215,42 @@ class RewardModelReward:
         return self.model
 
     def __call__(
-        self, prompts: Sequence, completions: Sequence[str], images: Sequence | None = None, **row
+        self,
+        prompts: Sequence,
+        completions: Sequence[str],
+        images: Sequence | None = None,
+        group: Sequence[int] | None = None,
+        **row,
     ) -> list[float | None]:
         model = self.load()
         processor = model.backbone.processor
         device = next(model.parameters()).device
-        images = images if images is not None else [None] * len(completions)
-        texts, sample_images = [], []
-        for i, (prompt, completion, refs) in enumerate(zip(prompts, completions, images, strict=True)):
-            opened = [open_image(ref, ".", i) for ref in as_list(refs)]
-            messages = prompt_messages(prompt, len(opened), i) + response_messages(
-                completion, i, "completion"
-            )
+        n = len(completions)
+        images = images if images is not None else [None] * n
+        G = n // len(set(group)) if group else 1  # completions per prompt, which sit together
+        if group and list(group) != [g for g in dict.fromkeys(group) for _ in range(G)]:
+            raise ValueError("RewardModelReward: 'group' must hold each prompt's completions together")
+        opened = [[open_image(ref, ".", i) for ref in as_list(images[i])] for i in range(0, n, G)]  # prompts'
+        texts = []
+        for i, (prompt, completion, _) in enumerate(zip(prompts, completions, images, strict=True)):
+            n_images = len(opened[i // G])
+            messages = prompt_messages(prompt, n_images, i) + response_messages(completion, i, "completion")
             texts.append(render(processor, messages))  # as PreferenceCollator renders "chosen"
-            sample_images.append(opened)
-        scores: list[float | None] = []
+        # A forward scores ``copies`` completions of each of ``per_forward`` prompts (in block order);
+        # the prompts' images are processed and encoded once for all their completions.
+        per_forward, copies = max(1, self.batch_size // G), min(G, self.batch_size)
+        scores = torch.zeros(n)
         with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                stop = start + self.batch_size
-                batch = encode(
-                    processor, texts[start:stop], [im for ims in sample_images[start:stop] for im in ims]
-                )
-                vision = {
-                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch["vision"].items()
-                }
-                s = model.scores(batch["input_ids"].to(device), batch["attention_mask"].to(device), vision)
-                scores += s.tolist()
-        return scores
+            for start in range(0, len(opened), per_forward):
+                part = range(start, min(start + per_forward, len(opened)))  # these prompts
+                ims = [im for j in part for im in opened[j]]
+                blocks = encode_blocks(processor, [[texts[j * G + k] for j in part] for k in range(G)], ims)
+                features = None
+                for k in range(0, G, copies):
+                    chunk = blocks[k : k + copies]  # completions k, k+1, ... of each prompt in ``part``
+                    b = move_data_to_device(stack_blocks(chunk, processor.tokenizer.pad_token_id), device)
+                    if features is None and has_images(b["vision"]):
+                        features = model.backbone.encode_images(b["vision"])
+                    s = model.scores(b["input_ids"], b["attention_mask"], b["vision"], len(chunk), features)
+                    scores[[j * G + c for c in range(k, k + len(chunk)) for j in part]] = s.cpu()
+        return scores.tolist()

@@ -5,12 +5,13 @@ reference), the objectives' losses are their loss functions, and the MoE router 
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lightning_vlm import BackboneConfig, TinyVLM
+from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM
 from lightning_vlm.losses import grpo_loss, gspo_loss
 from lightning_vlm.objectives import GRPO, GSPO
 from lightning_vlm.objectives.online import Chunk, loop
@@ -57,6 +58,49 @@ def test_trained_tower_runs_once_per_rollout_and_once_per_forward(synthetic_dir)
     assert [c[0] for c in calls["lm"] if c[2]] == [B * G // 2] * 2
 
 
+def test_trained_tower_old_policy_pass_reuses_the_rollout_features(synthetic_dir):
+    """The old-policy pass runs at the weights that sampled, without gradient: it takes the rollout's
+    image features; the training forwards still encode, with gradient, and the tower trains."""
+    module = build(GRPO, vision="train", loop={"mini_batches": 2}, lr=1e-2)
+    bb = module.backbone
+    tower: list[bool] = []  # one entry per vision tower call: was gradient on?
+    bb.vision_tower.register_forward_hook(lambda mod, args, out: tower.append(torch.is_grad_enabled()))
+    weights = {n: p.detach().clone() for n, p in bb.vision_tower.named_parameters()}
+
+    def probe(m, rollouts):  # right after the hand-over (sampling and old-policy pass), before any step
+        (r,) = rollouts
+        calls = len(tower)
+        return calls, loop.logps(m, replace(r, features=None))  # every chunk encodes its images
+
+    spy = Spy(probe)
+    fit(module, synthetic_dir, [rollout_callback(), spy], steps=2)  # one rollout, two optimiser steps
+    (r,), (calls, reencoded) = spy.rollouts[0], spy.probes[0]
+    assert calls == 1  # the rollout's encoding only (before: 1 + one per old-policy chunk = 3)
+    assert torch.equal(r.old_logps, reencoded)
+    assert tower[calls + 2 :] == [True, True]  # each training forward encodes again, with gradient
+    assert r.features is None  # dropped once training starts: stale after the first optimiser step
+    assert any(not torch.equal(p, weights[n]) for n, p in bb.vision_tower.named_parameters())
+
+
+def test_the_reference_of_an_adapted_tower_does_not_take_the_rollouts_features(synthetic_dir):
+    """With LoRA on the tower the reference (adapters off) sees other image features than the policy, though
+    inside ``reference()`` peft's disabled adapters no longer require gradients."""
+    lora = LoraSettings(r=4, dropout=0.0)
+    module = build(GRPO, vision="lora", lora=lora, loop={"mini_batches": 2}, beta=0.1)
+    bb = module.backbone
+    with torch.no_grad():  # adapters away from zero (the language model's stay 0): only the images differ
+        for name, p in bb.vision_tower.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    r = prepared_rollout(module, prompt_batch(prompt_dm(bb.processor, synthetic_dir)))
+    assert r.features is not None and r.old_logps is not None and r.ref_logps is not None
+    with bb.reference() as ref:
+        assert not bb.vision_is_frozen
+        own = loop.logps(module, replace(r, features=None), model=ref)  # the reference encodes its own
+    assert torch.equal(r.ref_logps, own)
+    assert not torch.allclose(r.ref_logps, r.old_logps, atol=1e-3)  # the adapters matter
+
+
 # ---------------------------------------------------------------- no work that changes nothing
 def test_on_policy_without_kl_computes_no_old_or_reference_logps(grpo_run):
     """GRPO's end-to-end run; every online objective's rollouts are checked in test_objectives.py."""
@@ -101,11 +145,13 @@ def test_block_order_logps_equal_plain_per_sample_forwards(family, vision, synth
     assert sorted(len(im) for im in batch["images"]) == [1, 2]
     r = prepared_rollout(module, batch)
     assert r.rows == batch["rows"]
-    assert (r.features is not None) == bb.vision_is_frozen == (vision == "frozen" and family != "llava")
+    assert bb.vision_is_frozen == (vision == "frozen" and family != "llava")
+    assert r.features is not None  # computed without gradient, at the weights that sampled
     tower: list[int] = []
     bb.vision_tower.register_forward_hook(lambda mod, args, out: tower.append(1))
     ours = loop.logps(module, r)
-    assert len(tower) == (0 if bb.vision_is_frozen else 2)  # features reused, else once per forward
+    assert not tower  # the no-grad pass at the sampling weights reuses the features (also a trained tower)
+    assert torch.equal(ours, loop.logps(module, replace(r, features=None)))  # as encoding per forward
     plain = plain_logps(bb.model, dm, r, batch["rows"])
     mask = r.completion_mask.bool()
     assert torch.allclose(ours[mask], plain[mask], atol=1e-5)

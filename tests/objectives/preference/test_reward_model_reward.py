@@ -16,6 +16,7 @@ from lightning_vlm.data.rows import BASE, ROW
 from lightning_vlm.export import ExportHF
 from lightning_vlm.objectives import RewardModel, RewardModelReward
 from lightning_vlm.rollout.rewards import combine
+from tests.helpers.processing import count_image_processing, count_tower_images
 
 COMPLETIONS = ["2", "there are three shapes", "<think>one, two</think><answer>2</answer>", "first"]
 
@@ -79,6 +80,30 @@ def test_batch_size_does_not_change_the_scores(exported, samples):
     ]
     for other in values[1:]:
         assert torch.allclose(torch.tensor(values[0]), torch.tensor(other), atol=1e-5)
+
+
+def test_a_prompts_images_are_processed_and_encoded_once_for_its_group(exported, samples, monkeypatch):
+    """As the rollout calls it: G completions per prompt, with ``group``. Each prompt's images go through
+    the image processor and the vision tower once, not once per completion, and the scores are those of
+    every completion scored on its own."""
+    _, batch = samples
+    G = 4
+    prompts = [p for p in batch["prompts"] for _ in range(G)]
+    images = [ims for ims in batch["images"] for _ in range(G)]  # 1, 2, 1, 0 images per prompt
+    completions = [f"{c} {k}" for c in COMPLETIONS for k in range(G)]
+    fn = RewardModelReward(str(exported), device="cpu")  # batch_size 8: two prompts of 4 per forward
+    alone = fn(prompts, completions, images=images)  # no group: each completion on its own
+    processed = count_image_processing(monkeypatch, fn.model.backbone.processor)
+    tower = count_tower_images(fn.model.backbone.vision_tower)
+    group = [i for i in range(len(batch["prompts"])) for _ in range(G)]
+    got = fn(prompts, completions, images=images, group=group)
+    assert processed == [3, 1] and tower == [3, 1]  # prompts 0-1, then 2-3; per completion: 12 + 4
+    assert torch.allclose(torch.tensor(got), torch.tensor(alone), rtol=0, atol=1e-6), (got, alone)
+    ones = fn(prompts[:2], completions[:2], images=images[:2], group=[0, 1])  # groups of one
+    assert torch.allclose(torch.tensor(ones), torch.tensor(alone[:2]), rtol=0, atol=1e-6)
+    for bad in ([0, 0, 1], [0, 1, 0, 1]):  # groups of different sizes, or apart
+        with pytest.raises(ValueError, match="RewardModelReward: 'group' must hold each prompt's"):
+            fn(prompts[: len(bad)], completions[: len(bad)], images=images[: len(bad)], group=bad)
 
 
 def test_through_combine_and_image_mismatches(exported, samples):
