@@ -64,9 +64,12 @@ class PromptCollator:
         batch = encode(self.processor, texts, [im for row_images in images for im in row_images])
         columns = {k: [r[k] for r in rows] for k in rows[0] if k not in NOT_IN_COLUMNS}
         columns["images"] = images
+        # Rewards get each row's own prompt: a reward model was trained without data.system_prompt.
+        own = [row_prompt(r) for r in rows] if self.system_prompt else prompts
         batch.update(
-            rows=[r[ROW] for r in rows], split=self.split, prompts=prompts, images=images, columns=columns
-        )
+            rows=[r[ROW] for r in rows], split=self.split, prompts=prompts, row_prompts=own, images=images,
+            columns=columns,
+        )  # fmt: skip
         return batch
 
 

@@ -214,10 +214,10 @@ class RolloutCallback(L.Callback):
         )
 
     def score(self, batch: dict, completion_ids, cmask, texts: list[str], G: int) -> tuple[list[float], dict]:
-        """Run the reward functions. Each gets the prompts, the completions and, as keywords, every
-        dataset column, the completions' token ids (``completion_ids``) and each sample's prompt index
-        in the batch (``group``)."""
-        prompts = [p for p in batch["prompts"] for _ in range(G)]
+        """Run the reward functions. Each gets the rows' own prompts (without ``data.system_prompt``, as a
+        reward model was trained), the completions and, as keywords, every dataset column, the
+        completions' token ids (``completion_ids``) and each sample's prompt index (``group``)."""
+        prompts = [p for p in batch["row_prompts"] for _ in range(G)]
         columns: dict[str, Sequence[Any]] = {
             k: [v for v in values for _ in range(G)] for k, values in batch["columns"].items()
         }

@@ -233,3 +233,21 @@ def test_held_out_batches_get_a_greedy_rollout_and_optionally_a_seeded_sampled_o
     assert sampled.group_size == G and sampled.sampling.do_sample and sampled.max_new_tokens == NEW
     assert torch.equal(sampled.completion_ids, sampled_again.completion_ids)  # seeded by the batch index
     assert module._rollouts == {}  # every held-out rollout was consumed by its step
+
+
+def test_rewards_get_the_rows_own_prompts_without_the_system_prompt(synthetic_dir):
+    """The policy's prompt carries data.system_prompt; the reward functions (a reward model among them,
+    trained without it) get each row's own prompt."""
+    module = build(GRPO)
+    seen = []
+
+    def spy(prompts, completions, **row):
+        seen.extend(prompts)
+        return [0.0] * len(completions)
+
+    dm = prompt_dm(module.backbone.processor, synthetic_dir, system_prompt="Answer in <answer></answer> tags.")
+    batch = dm._collator("train")([dm.datasets["train"][i] for i in range(B)])
+    assert batch["prompts"][0][0]["role"] == "system"  # what the policy reads
+    bind(rollout_callback(rewards=(spy,)), module).sample(module, batch)
+    assert len(seen) == B * G and seen[0] == seen[G - 1] == batch["row_prompts"][0]
+    assert all(m["role"] != "system" for p in seen for m in p)
