@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lightning_vlm.checkpoints import AtomicCheckpointIO
 from lightning_vlm.data.base import VLMDataModule
 from lightning_vlm.objectives.base import VLMObjective
 
@@ -97,6 +100,12 @@ class VLMCLI(LightningCLI):
             import torch
 
             torch.set_num_threads(config["torch_threads"])
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _held_out(self, ckpt_path: str | None = None) -> dict[str, float]:
         results = self.trainer.validate(
