@@ -207,6 +207,28 @@ def test_interrupted_run_resumes_to_the_same_weights(stop, checkpoint, tmp_path,
     assert trainable and all(torch.equal(a[k], b[k]) for k in trainable)
 
 
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ({"model": {"init_args": {"backbone": {"tiny": None, "model_name_or_path": "/no/such/model"}}}},
+         "backbone.model_name_or_path: no model folder at /no/such/model"),
+        ({"model": {"init_args": {"lr": -1.0}}}, "model.init_args.lr must be > 0, got -1.0"),
+    ],
+    ids=["model-path", "negative-lr"],
+)  # fmt: skip
+def test_bad_setting_is_the_first_and_last_line_printed(override, culprit, tmp_path):
+    """As a user sees it: the command in a process of its own, everything it prints."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(override))
+    done = subprocess.run([sys.executable, "-m", "lightning_vlm.cli", "fit", "--config", str(TINY), "--config", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and lines == [f"error: {culprit}"], lines[:3] + ["..."] + lines[-3:]
+
+
 def test_checkpoint_written_from_python_loads(tmp_path, synthetic_dir):
     import lightning as L
 

@@ -56,6 +56,12 @@ class VLMObjective(L.LightningModule):
                 row stop the run.
         """
         super().__init__()
+        rules = {"lr": (lr, lr > 0, "> 0"), "weight_decay": (weight_decay, weight_decay >= 0, ">= 0"),
+                 "warmup_steps": (warmup_steps, warmup_steps >= 0, ">= 0"),
+                 "max_nonfinite_steps": (max_nonfinite_steps, max_nonfinite_steps >= 1, ">= 1")}  # fmt: skip
+        for key, (value, ok, rule) in rules.items():
+            if not ok:  # checked here, before anything loads
+                raise ValueError(f"model.init_args.{key} must be {rule}, got {value}")
         backbone = as_backbone_config(backbone)
         self.save_hyperparameters()  # collects the subclass's __init__ arguments too
         # Checkpoints load with weights_only: keep hyperparameters plain (dicts, not dataclasses or
