@@ -2,7 +2,7 @@
 (never in TMPDIR, which may be another filesystem, where a rename becomes a copy) and renamed into place,
 so a kill during a save leaves the previous checkpoint or none, never a truncated one at the final name.
 What a killed save leaves behind (``.<name>.partial-<pid>``, ``.<name>.previous``) is cleaned up at the
-next save. One run writes a checkpoint folder at a time.
+next save. One run writes a checkpoint folder at a time. Reading: ``read_checkpoint`` for ``--ckpt_path``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,32 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The Lightning checkpoint at ``path`` (a file, or a distributed checkpoint's folder: its ``meta.pt``),
+    loaded weights-only with its tensors memory-mapped; an error naming ``path`` when it is not one."""
+    where = Path(path)
+    file = where / "meta.pt" if where.is_dir() else where
+    if not where.exists():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such file or folder")
+    if not file.is_file():
+        raise ValueError(f"--ckpt_path {path}: a folder without meta.pt, so not a distributed checkpoint")
+    if file.stat().st_size == 0:
+        raise ValueError(f"--ckpt_path {path}: the file is empty (a save that was cut short?)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch's own message may advise an unsafe load: never pass that on
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        why = f"it holds a Python object ({found[1]}) that a weights-only load refuses" if found else None
+        why = why or "not a PyTorch checkpoint (truncated, or another kind of file)"
+        raise ValueError(f"--ckpt_path {path}: {why}") from None
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        raise ValueError(
+            f"--ckpt_path {path}: not a Lightning checkpoint (a bare state dict or weights file?)"
+        )
+    return checkpoint
+
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial-\d+|previous)$")
 

@@ -20,9 +20,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_vlm.checkpoints import AtomicCheckpointIO
+from lightning_vlm.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lightning_vlm.data.base import VLMDataModule
-from lightning_vlm.objectives.base import VLMObjective
+from lightning_vlm.objectives.base import VLMObjective, class_path, saved_objective
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -96,6 +96,25 @@ class VLMCLI(LightningCLI):
             "it (the order of float reductions), so recipes whose figures are quoted pin it",
         )
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        path = str(self.config[sub].get("ckpt_path") or "") if sub else ""
+        if not path or path in ("best", "last", "hpc") or path.startswith("registry") or "://" in path:
+            return
+        try:  # before Lightning reads the checkpoint's hyperparameters into the model's config
+            saved = saved_objective(read_checkpoint(path))
+        except (OSError, ValueError) as error:
+            _fail(error)
+        recipe = class_path(self.config[sub].model.class_path)
+        if saved not in (None, recipe):
+            was, new = saved.rpartition(".")[2], recipe.rpartition(".")[2]
+            _fail(
+                f"--ckpt_path {path} was saved by the {was} objective ({saved}), but the recipe's model is "
+                f"{new} ({recipe}): resume with a {was} recipe, or start {new} from that model through its "
+                "export (an ExportHF folder as model.init_args.backbone.model_name_or_path)"
+            )
 
     def _set_seed(self) -> None:
         # Lightning logs "Seed set to N" here; it is said once the classes are built (after_instantiate_classes),

@@ -207,6 +207,54 @@ def test_interrupted_run_resumes_to_the_same_weights(stop, checkpoint, tmp_path,
     assert trainable and all(torch.equal(a[k], b[k]) for k in trainable)
 
 
+def test_resuming_with_another_objectives_checkpoint_names_both(
+    objective_checkpoints, tmp_path, synthetic_dir, capfd
+):
+    """A DPO checkpoint given to the SFT recipe used to switch the run to DPO silently (then KeyError: 'copies')."""
+    dpo = objective_checkpoints["dpo"]
+    for command in ("fit", "validate"):
+        with pytest.raises(SystemExit) as exit_:
+            main(
+                [
+                    command,
+                    *_tiny_args(tmp_path, synthetic_dir, "--trainer.max_steps", "3"),
+                    "--ckpt_path",
+                    str(dpo),
+                ]
+            )
+        assert exit_.value.code == 2
+        err = capfd.readouterr().err
+        assert str(dpo) in err and "saved by the DPO objective" in err and "recipe's model is SFT" in err
+
+
+def test_objective_refuses_another_objectives_checkpoint_in_python(objective_checkpoints, synthetic_dir):
+    import lightning as L
+
+    from lightning_vlm import BackboneConfig
+    from lightning_vlm.data import SFTDataModule
+    from lightning_vlm.objectives import SFT
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)  # fmt: skip
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), batch_size=4)
+    with pytest.raises(ValueError, match=r"dpo\.ckpt was saved by the objective .*DPO, not by .*SFT"):
+        trainer.fit(SFT(BackboneConfig(tiny=TinyVLM())), dm, ckpt_path=objective_checkpoints["dpo"])
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a checkpoint\n", bytes(range(256)) * 8], ids=["empty", "text", "bytes"]
+)
+def test_unreadable_checkpoint_is_named_and_never_loaded_unsafely(content, tmp_path, synthetic_dir, capfd):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *_tiny_args(tmp_path, synthetic_dir), "--ckpt_path", str(bad)])
+    assert exit_.value.code == 2
+    err = capfd.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and f"--ckpt_path {bad}:" in err
+    assert "weights_only" not in err
+
+
 @pytest.mark.parametrize(
     "override, culprit",
     [

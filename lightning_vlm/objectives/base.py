@@ -6,6 +6,7 @@ maths and metrics. Lightning owns the loop, devices, precision, checkpoints and 
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
@@ -175,8 +176,13 @@ class VLMObjective(L.LightningModule):
         trainable = set(self.trainable_named_parameters())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["nonfinite_total"] = self.nonfinite_total
+        checkpoint["objective"] = class_path(type(self))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, mine = saved_objective(checkpoint), class_path(type(self))
+        if saved not in (None, mine):  # another objective's state would fail later, far from the cause
+            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(f"{where} was saved by the objective {saved}, not by {mine}")
         self.configure_model()
         if "state_dict" not in checkpoint:
             # A distributed (FSDP2) checkpoint is loaded in place by the strategy, non-strictly: missing
@@ -186,6 +192,23 @@ class VLMObjective(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {sorted(missing)[:3]}")
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+
+
+def class_path(cls: type | str) -> str:
+    """``module.Class`` where the class is defined, also for a re-exported path (``lightning_vlm.objectives.DPO``)."""
+    if isinstance(cls, str):
+        module, _, name = cls.rpartition(".")
+        try:
+            return class_path(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError, ValueError):
+            return cls
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def saved_objective(checkpoint: dict[str, Any]) -> str | None:
+    """The objective class that saved ``checkpoint``: recorded by ours, in ``hyper_parameters`` by the command."""
+    saved = checkpoint.get("objective") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    return class_path(saved) if saved else None
 
 
 def _schedule(kind: str, warmup: int, total: int):
