@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from lightning_vlm.data.base import ResumableSampler
 from lightning_vlm.model.backbone import VLMBackbone
 from lightning_vlm.model.config import BackboneConfig, as_backbone_config
+
+_NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 class VLMObjective(L.LightningModule):
@@ -172,6 +177,17 @@ class VLMObjective(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
+    def on_train_start(self) -> None:
+        # Resuming mid-epoch, Lightning warns that the loader "is not resumable" (it has no state_dict), but
+        # our sampler is: it skips the rows the interrupted epoch used (the datamodule checkpoints them).
+        if isinstance(getattr(self.trainer.train_dataloader, "sampler", None), ResumableSampler):
+            warnings.filterwarnings("ignore", _NOT_RESUMABLE, PossibleUserWarning)
+            self._silenced = warnings.filters[0]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_silenced", None) in warnings.filters:  # said (or not) at the resumed epoch's start
+            warnings.filters.remove(self._silenced)  # type: ignore[attr-defined]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = set(self.trainable_named_parameters())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
