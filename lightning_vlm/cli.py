@@ -8,15 +8,21 @@ the key named. The resolved config is saved with every run and sent to the logge
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_vlm.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lightning_vlm.data.base import VLMDataModule
-from lightning_vlm.objectives.base import VLMObjective
+from lightning_vlm.objectives.base import VLMObjective, class_path, saved_objective
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -91,12 +97,63 @@ class VLMCLI(LightningCLI):
         )
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        path = str(self.config[sub].get("ckpt_path") or "") if sub else ""
+        if not path or path in ("best", "last", "hpc") or path.startswith("registry") or "://" in path:
+            return
+        try:  # before Lightning reads the checkpoint's hyperparameters into the model's config
+            saved = saved_objective(read_checkpoint(path))
+        except (OSError, ValueError) as error:
+            _fail(error)
+        recipe = class_path(self.config[sub].model.class_path)
+        if saved not in (None, recipe):
+            was, new = saved.rpartition(".")[2], recipe.rpartition(".")[2]
+            _fail(
+                f"--ckpt_path {path} was saved by the {was} objective ({saved}), but the recipe's model is "
+                f"{new} ({recipe}): resume with a {was} recipe, or start {new} from that model through its "
+                "export (an ExportHF folder as model.init_args.backbone.model_name_or_path)"
+            )
+
+    def _set_seed(self) -> None:
+        # Lightning logs "Seed set to N" here; it is said once the classes are built (after_instantiate_classes),
+        # so that an error in a class's settings is the first line printed.
+        seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+        seed_log.disabled, disabled = True, seed_log.disabled
+        try:
+            super()._set_seed()
+        finally:
+            seed_log.disabled = disabled
+
+    def after_instantiate_classes(self) -> None:
+        seed = self._get(self.config, "seed_everything")
+        if seed is not False:
+            rank_zero_info(f"Seed set to {seed}")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # jsonargparse wraps what an __init__ raised in a dump of the config
+            cause = error
+            while _in_jsonargparse(cause) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if cause is error or _in_jsonargparse(cause) or not isinstance(cause, (ValueError, OSError)):
+                raise
+            _fail(cause)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("torch_threads"):
             import torch
 
             torch.set_num_threads(config["torch_threads"])
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _held_out(self, ckpt_path: str | None = None) -> dict[str, float]:
         results = self.trainer.validate(
@@ -119,6 +176,20 @@ class VLMCLI(LightningCLI):
             for key in keys:
                 before, now = self._before.get(key, float("nan")), after.get(key, float("nan"))
                 print(f"  {key:<{width}} {before:>10.4f} {now:>10.4f}")
+
+
+def _in_jsonargparse(error: BaseException) -> bool:
+    """Whether jsonargparse raised ``error`` (a wrapper of what a class's ``__init__`` raised)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
+
+
+def _fail(error: BaseException | str) -> NoReturn:
+    """End the command with this message as the first and last line it prints (exit status 2, as for a typo)."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from lightning_vlm.checkpoints import clean_leftovers, partial_path, replace
 from lightning_vlm.model.processing import save_processor
 
 
@@ -18,7 +18,8 @@ class ExportHF(L.Callback):
 
     The folder holds weights, config, tokenizer and processor, so it loads with
     ``backbone.model_name_or_path``, with ``AutoModelForImageTextToText.from_pretrained`` and in
-    inference servers. Written to a temporary sibling and renamed into place (atomic).
+    inference servers. Written to a temporary sibling and renamed into place: a crash leaves the previous
+    export whole (put back at its name, if it was moved aside, when the next run starts).
     """
 
     def __init__(self, dirpath: str, merge_lora: bool = True, dtype: str | None = None):
@@ -34,16 +35,27 @@ class ExportHF(L.Callback):
         self.merge_lora = merge_lora
         self.dtype = dtype
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # what a killed export left: its partial copy, the previous export aside
+            clean_leftovers(self.dirpath.parent, self.dirpath.name)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
-        backbone = pl_module.backbone
-        model = backbone.model
         state = _gather_if_sharded(pl_module)  # FSDP2: a collective, so every rank takes part
         if not trainer.is_global_zero:
             return
-        tmp = self.dirpath.with_name(f".{self.dirpath.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = partial_path(self.dirpath)
+        try:
+            self._write(tmp, pl_module, state)
+            replace(tmp, self.dirpath)  # the previous export stays whole until the new one is in place
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"exported the trained model to {self.dirpath}")
+
+    def _write(self, tmp: Path, pl_module: L.LightningModule, state: dict[str, torch.Tensor] | None) -> None:
+        backbone = pl_module.backbone
+        model = backbone.model
         if state is not None:  # an unsharded copy, loaded as the backbone loads, with the trained weights
             from lightning_vlm.model.backbone import VLMBackbone
 
@@ -77,10 +89,6 @@ class ExportHF(L.Callback):
         save_processor(backbone.processor, tmp)
         if hasattr(pl_module, "save_extra"):  # e.g. the reward model's head
             pl_module.save_extra(tmp, state)
-        if self.dirpath.exists():
-            shutil.rmtree(self.dirpath)
-        os.rename(tmp, self.dirpath)
-        print(f"exported the trained model to {self.dirpath}")
 
 
 def _gather_if_sharded(module: L.LightningModule) -> dict[str, torch.Tensor] | None:

@@ -105,3 +105,40 @@ def grpo_run(synthetic_dir, tmp_path_factory):
     fit(module, synthetic_dir, [callback, batches, spy], default_root_dir=str(root))
     return {"module": module, "calls": {k: list(v) for k, v in calls.items()}, "spy": spy, "batches": batches,
             "root": root, "callback": callback}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def objective_checkpoints(synthetic_dir, tmp_path_factory):
+    """One-step checkpoints of the tiny SFT and DPO recipes, written by the command: ``{"sft": path, "dpo": path}``."""
+    from pathlib import Path
+
+    import yaml
+
+    from lightning_vlm.cli import VLMCLI
+
+    root, zoo = tmp_path_factory.mktemp("objective_checkpoints"), Path(__file__).resolve().parents[1] / "zoo"
+    out = {}
+    for name, data in (("sft", "sft"), ("dpo", "pref")):
+        override = {
+            "report_held_out": False,
+            "trainer": {"max_steps": 1, "logger": False, "enable_progress_bar": False, "limit_val_batches": 0,
+                        "default_root_dir": str(root / name),
+                        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                       "init_args": {"dirpath": str(root / name), "filename": name,
+                                                     "every_n_train_steps": 1}}]},
+            "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}}}},
+            "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / f"{data}_train.jsonl"), "val": None,
+                                   "num_workers": 0, "batch_size": 4}},
+        }  # fmt: skip
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(override))
+        VLMCLI(
+            args=[
+                "fit",
+                "--config",
+                str(zoo / f"tiny_qwen2vl_{name}.yaml"),
+                "--config",
+                str(root / f"{name}.yaml"),
+            ]
+        )
+        out[name] = root / name / f"{name}.ckpt"
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -183,8 +184,9 @@ def test_validate_and_predict_from_checkpoint(tmp_path, synthetic_dir, capsys):
     # them, so weights, optimiser and step are restored but later batches come in another order.
     ids=["mid-epoch", "after-validation"],
 )
-def test_interrupted_run_resumes_to_the_same_weights(stop, checkpoint, tmp_path, synthetic_dir):
-    """Stop, resume to 5 steps (epochs of 3 batches) == 5 steps straight through."""
+def test_interrupted_run_resumes_to_the_same_weights(stop, checkpoint, tmp_path, synthetic_dir, recwarn):
+    """Stop, resume to 5 steps (epochs of 3 batches) == 5 steps straight through; Lightning's warning that
+    the loader is "not resumable" does not show, since the sampler resumes."""
     straight = VLMCLI(args=["fit", *_tiny_args(tmp_path / "a", synthetic_dir, "--trainer.max_steps", "5")])
     first = _tiny_args(tmp_path / "b", synthetic_dir, "--trainer.max_steps", str(stop), checkpoint=checkpoint)
     VLMCLI(args=["fit", *first])
@@ -201,10 +203,83 @@ def test_interrupted_run_resumes_to_the_same_weights(stop, checkpoint, tmp_path,
     assert (
         resumed.trainer.global_step == 5 and resumed.trainer.current_epoch == straight.trainer.current_epoch
     )
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+    kept = [f for f in warnings.filters if f[1] and "resuming from a checkpoint" in f[1].pattern]
+    assert not kept  # the silencing ends with the resumed epoch's first batch
     a = straight.model.state_dict()
     b = resumed.model.state_dict()
     trainable = set(straight.model.trainable_named_parameters())
     assert trainable and all(torch.equal(a[k], b[k]) for k in trainable)
+
+
+def test_resuming_with_another_objectives_checkpoint_names_both(
+    objective_checkpoints, tmp_path, synthetic_dir, capfd
+):
+    """A DPO checkpoint given to the SFT recipe used to switch the run to DPO silently (then KeyError: 'copies')."""
+    dpo = objective_checkpoints["dpo"]
+    for command in ("fit", "validate"):
+        with pytest.raises(SystemExit) as exit_:
+            main(
+                [
+                    command,
+                    *_tiny_args(tmp_path, synthetic_dir, "--trainer.max_steps", "3"),
+                    "--ckpt_path",
+                    str(dpo),
+                ]
+            )
+        assert exit_.value.code == 2
+        err = capfd.readouterr().err
+        assert str(dpo) in err and "saved by the DPO objective" in err and "recipe's model is SFT" in err
+
+
+def test_objective_refuses_another_objectives_checkpoint_in_python(objective_checkpoints, synthetic_dir):
+    import lightning as L
+
+    from lightning_vlm import BackboneConfig
+    from lightning_vlm.data import SFTDataModule
+    from lightning_vlm.objectives import SFT
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)  # fmt: skip
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), batch_size=4)
+    with pytest.raises(ValueError, match=r"dpo\.ckpt was saved by the objective .*DPO, not by .*SFT"):
+        trainer.fit(SFT(BackboneConfig(tiny=TinyVLM())), dm, ckpt_path=objective_checkpoints["dpo"])
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not a checkpoint\n", bytes(range(256)) * 8], ids=["empty", "text", "bytes"]
+)
+def test_unreadable_checkpoint_is_named_and_never_loaded_unsafely(content, tmp_path, synthetic_dir, capfd):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *_tiny_args(tmp_path, synthetic_dir), "--ckpt_path", str(bad)])
+    assert exit_.value.code == 2
+    err = capfd.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and f"--ckpt_path {bad}:" in err
+    assert "weights_only" not in err
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ({"model": {"init_args": {"backbone": {"tiny": None, "model_name_or_path": "/no/such/model"}}}},
+         "backbone.model_name_or_path: no model folder at /no/such/model"),
+        ({"model": {"init_args": {"lr": -1.0}}}, "model.init_args.lr must be > 0, got -1.0"),
+    ],
+    ids=["model-path", "negative-lr"],
+)  # fmt: skip
+def test_bad_setting_is_the_first_and_last_line_printed(override, culprit, tmp_path):
+    """As a user sees it: the command in a process of its own, everything it prints."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(override))
+    done = subprocess.run([sys.executable, "-m", "lightning_vlm.cli", "fit", "--config", str(TINY), "--config", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and lines == [f"error: {culprit}"], lines[:3] + ["..."] + lines[-3:]
 
 
 def test_checkpoint_written_from_python_loads(tmp_path, synthetic_dir):

@@ -86,6 +86,12 @@ class VLMDataModule(L.LightningDataModule):
                 error naming the rank (0 waits forever).
         """
         super().__init__()
+        rules = {"batch_size": (batch_size, batch_size >= 1, ">= 1"), "num_workers": (num_workers, num_workers >= 0, ">= 0"),
+                 "eval_batch_size": (eval_batch_size, eval_batch_size is None or eval_batch_size >= 1, ">= 1 or null"),
+                 "max_length": (max_length, max_length >= 1, ">= 1")}  # fmt: skip
+        for key, (value, ok, rule) in rules.items():
+            if not ok:  # checked here, before the model loads
+                raise ValueError(f"data.init_args.{key} must be {rule}, got {value}")
         self.save_hyperparameters()
         self.sources = {"train": train, "val": val, "test": test, "predict": predict or val}
         self.columns = dict(columns or {})

@@ -6,16 +6,22 @@ maths and metrics. Lightning owns the loop, devices, precision, checkpoints and 
 
 from __future__ import annotations
 
+import importlib
 import math
+import warnings
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from lightning_vlm.data.base import ResumableSampler
 from lightning_vlm.model.backbone import VLMBackbone
 from lightning_vlm.model.config import BackboneConfig, as_backbone_config
+
+_NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 class VLMObjective(L.LightningModule):
@@ -56,6 +62,12 @@ class VLMObjective(L.LightningModule):
                 row stop the run.
         """
         super().__init__()
+        rules = {"lr": (lr, lr > 0, "> 0"), "weight_decay": (weight_decay, weight_decay >= 0, ">= 0"),
+                 "warmup_steps": (warmup_steps, warmup_steps >= 0, ">= 0"),
+                 "max_nonfinite_steps": (max_nonfinite_steps, max_nonfinite_steps >= 1, ">= 1")}  # fmt: skip
+        for key, (value, ok, rule) in rules.items():
+            if not ok:  # checked here, before anything loads
+                raise ValueError(f"model.init_args.{key} must be {rule}, got {value}")
         backbone = as_backbone_config(backbone)
         self.save_hyperparameters()  # collects the subclass's __init__ arguments too
         # Checkpoints load with weights_only: keep hyperparameters plain (dicts, not dataclasses or
@@ -174,12 +186,28 @@ class VLMObjective(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
+    def on_train_start(self) -> None:
+        # Resuming mid-epoch, Lightning warns that the loader "is not resumable" (it has no state_dict), but
+        # our sampler is: it skips the rows the interrupted epoch used (the datamodule checkpoints them).
+        if isinstance(getattr(self.trainer.train_dataloader, "sampler", None), ResumableSampler):
+            warnings.filterwarnings("ignore", _NOT_RESUMABLE, PossibleUserWarning)
+            self._silenced = warnings.filters[0]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_silenced", None) in warnings.filters:  # said (or not) at the resumed epoch's start
+            warnings.filters.remove(self._silenced)  # type: ignore[attr-defined]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = set(self.trainable_named_parameters())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["nonfinite_total"] = self.nonfinite_total
+        checkpoint["objective"] = class_path(type(self))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, mine = saved_objective(checkpoint), class_path(type(self))
+        if saved not in (None, mine):  # another objective's state would fail later, far from the cause
+            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(f"{where} was saved by the objective {saved}, not by {mine}")
         self.configure_model()
         if "state_dict" not in checkpoint:
             # A distributed (FSDP2) checkpoint is loaded in place by the strategy, non-strictly: missing
@@ -189,6 +217,23 @@ class VLMObjective(L.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {sorted(missing)[:3]}")
         self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
+
+
+def class_path(cls: type | str) -> str:
+    """``module.Class`` where the class is defined, also for a re-exported path (``lightning_vlm.objectives.DPO``)."""
+    if isinstance(cls, str):
+        module, _, name = cls.rpartition(".")
+        try:
+            return class_path(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError, ValueError):
+            return cls
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def saved_objective(checkpoint: dict[str, Any]) -> str | None:
+    """The objective class that saved ``checkpoint``: recorded by ours, in ``hyper_parameters`` by the command."""
+    saved = checkpoint.get("objective") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    return class_path(saved) if saved else None
 
 
 def _schedule(kind: str, warmup: int, total: int):
