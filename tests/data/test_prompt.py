@@ -77,9 +77,11 @@ def test_batch_is_left_padded_generation_prompts_with_columns(processor, synthet
         "rows",
         "split",
         "prompts",
+        "row_prompts",
         "images",
         "columns",
     }
+    assert batch["row_prompts"] == batch["prompts"]  # no data.system_prompt: what the rewards get
 
     ids, am = batch["input_ids"], batch["attention_mask"]
     assert (am == 0).any(), "prompts of different lengths leave padding"
@@ -349,5 +351,6 @@ def test_system_prompt_goes_before_prompts_without_one(processor, tmp_path):
     assert second == own  # a prompt's own system message is kept, not doubled
     text = processor.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
     assert "Answer in <answer></answer> tags." in text
+    assert batch["row_prompts"] == [_user(None, "Colour?"), own]  # the rewards' prompts: the rows' own
     plain = _first(_dm(processor, path))
     assert plain["prompts"][0] == _user(None, "Colour?")
