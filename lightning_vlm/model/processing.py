@@ -1,8 +1,9 @@
-"""Processor loading that works with and without torchvision.
+"""Processor loading and saving that work with and without torchvision.
 
 In transformers 5.x the stock Qwen-VL processors hold a video processor that needs torchvision. Where
 torchvision is missing we build the same processor class without its video half (images and text behave
-exactly as in the stock class); where it is present users get the stock processor untouched.
+exactly as in the stock class) and save it as the complete stock processor; where torchvision is present
+users get the stock processor untouched.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import transformers
@@ -44,17 +46,32 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# Each stock processor's video processor. Its class needs torchvision, so without it we write its name and the
+# settings it shares with the image processor (frames are cut like images), for stock transformers to build.
+_VIDEO_PROCESSOR = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}  # fmt: skip
+_SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
+           "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
+
+
 def save_processor(processor, folder: str | Path) -> None:
-    """``save_pretrained``, but an image-only processor records its stock class name, so that the
-    folder loads with the family's own processor wherever torchvision is installed.
+    """``save_pretrained``, but an image-only processor is saved as the complete stock processor: its stock
+    class name and the family's video processor (settings taken from the image processor), so that the
+    folder loads with ``AutoProcessor`` wherever torchvision is installed.
     """
     processor.save_pretrained(folder)
     stock = type(processor).__name__.removeprefix(_PREFIX)
+    if stock == type(processor).__name__:
+        return
     cfg_path = Path(folder) / "processor_config.json"
-    if stock != type(processor).__name__ and cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        cfg["processor_class"] = stock
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+    cfg = json.loads(cfg_path.read_text())
+    cfg["processor_class"] = stock
+    if stock in _VIDEO_PROCESSOR:
+        video = {k: v for k, v in cfg["image_processor"].items() if k in _SHARED}
+        cfg["video_processor"] = {**video, "video_processor_type": _VIDEO_PROCESSOR[stock]}
+    else:  # the folder still loads with us; failing here would lose the run at its end
+        warnings.warn(f"{cfg_path}: no video processor known for {stock} (AutoProcessor's)", stacklevel=2)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def _processor_class_name(path: str, config) -> str:

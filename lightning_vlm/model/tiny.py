@@ -36,12 +36,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_STOCK_PROCESSOR = {
-    "qwen2_vl": "Qwen2VLProcessor",
-    "qwen2_5_vl": "Qwen2_5_VLProcessor",
-    "qwen3_vl": "Qwen3VLProcessor",
-    "qwen3_vl_moe": "Qwen3VLProcessor",
-}
+# Part of the cache key: bumped when the saved folder changes, so folders cached by older code are rebuilt
+# (2: the processor config holds the video processor that stock AutoProcessor needs).
+FOLDER_VERSION = 2
 
 
 @dataclass
@@ -79,9 +76,7 @@ class TinyVLM:
     tie_word_embeddings: bool = False
 
     def fingerprint(self) -> str:
-        spec = asdict(self)
-        if not spec["tie_word_embeddings"]:  # added later: untied models keep their cache folders
-            del spec["tie_word_embeddings"]
+        spec = {**asdict(self), "folder_version": FOLDER_VERSION}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -208,6 +203,7 @@ def _llava(spec: TinyVLM, tokenizer):
 def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
     """Build the tiny model described by ``spec`` and save it (weights, tokenizer, processor) to ``out_dir``."""
     from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from lightning_vlm.model.processing import image_only_processor, save_processor
@@ -227,7 +223,7 @@ def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
             min_pixels=spec.min_pixels,
             max_pixels=spec.max_pixels,
         )
-        stock = _STOCK_PROCESSOR[spec.family]
+        stock = PROCESSOR_MAPPING_NAMES[spec.family]  # the family's stock processor, minus its video half
         processor = image_only_processor(stock)(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
