@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -74,6 +75,7 @@ class VLMCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _quiet()
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -151,6 +153,9 @@ class VLMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:  # Lightning gives W&B anonymous=None, which W&B warns is deprecated
+            if getattr(logger, "_wandb_init", {}).get("anonymous", 0) is None:
+                logger._wandb_init.pop("anonymous")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -192,7 +197,23 @@ def _fail(error: BaseException | str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _quiet() -> None:
+    """Silence what the user cannot act on: Lightning's tips to install its cloud products, and its own
+    deprecated use of torch's pytree API."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_a_tip)  # once: a filter already there is not added again
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
 def main(args: list[str] | None = None) -> None:
+    # A console script's path starts at its own folder, not at the current directory as `python -m`'s does.
+    # Appended, so the user's modules there work as class_path and never shadow an installed package.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     VLMCLI(args=args)
 
 
