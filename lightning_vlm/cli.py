@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_vlm.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lightning_vlm.data.base import VLMDataModule
 from lightning_vlm.objectives.base import VLMObjective, class_path, saved_objective
+from lightning_vlm.progress import default_bar
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -97,6 +98,13 @@ class VLMCLI(LightningCLI):
             help="intra-op CPU threads of torch (default: torch's choice). Results on the CPU depend on "
             "it (the order of float reductions), so recipes whose figures are quoted pin it",
         )
+        parser.add_argument(
+            "--progress_every_n_steps",
+            type=int | None,
+            default=None,
+            help="when stdout is not a terminal (nohup, SLURM, CI), a plain progress line every N optimiser "
+            "steps replaces the live bar (default: trainer.log_every_n_steps)",
+        )
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -150,8 +158,21 @@ class VLMCLI(LightningCLI):
             import torch
 
             torch.set_num_threads(config["torch_threads"])
+        if config.get("trainer", {}).get("enable_progress_bar") is False or not sys.stdout.isatty():
+            import datasets  # no live bar: no bars of datasets' row checks or transformers' loading either
+            from transformers.utils import logging as transformers_logging
+
+            datasets.disable_progress_bars()
+            transformers_logging.disable_progress_bar()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            every = self._get(self.config_init, "progress_every_n_steps")
+            kwargs.setdefault("callbacks", [*callbacks, default_bar(sys.stdout, every)])
         trainer = super().instantiate_trainer(**kwargs)
         for logger in trainer.loggers:  # Lightning gives W&B anonymous=None, which W&B warns is deprecated
             if getattr(logger, "_wandb_init", {}).get("anonymous", 0) is None:
