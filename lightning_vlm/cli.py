@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_vlm.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lightning_vlm.data.base import VLMDataModule
 from lightning_vlm.objectives.base import VLMObjective, class_path, saved_objective
+from lightning_vlm.progress import default_bar
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
@@ -74,6 +76,7 @@ class VLMCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _quiet()
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -94,6 +97,13 @@ class VLMCLI(LightningCLI):
             default=None,
             help="intra-op CPU threads of torch (default: torch's choice). Results on the CPU depend on "
             "it (the order of float reductions), so recipes whose figures are quoted pin it",
+        )
+        parser.add_argument(
+            "--progress_every_n_steps",
+            type=int | None,
+            default=None,
+            help="when stdout is not a terminal (nohup, SLURM, CI), a plain progress line every N optimiser "
+            "steps replaces the live bar (default: trainer.log_every_n_steps)",
         )
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
@@ -148,9 +158,25 @@ class VLMCLI(LightningCLI):
             import torch
 
             torch.set_num_threads(config["torch_threads"])
+        if config.get("trainer", {}).get("enable_progress_bar") is False or not sys.stdout.isatty():
+            import datasets  # no live bar: no bars of datasets' row checks or transformers' loading either
+            from transformers.utils import logging as transformers_logging
+
+            datasets.disable_progress_bars()
+            transformers_logging.disable_progress_bar()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            every = self._get(self.config_init, "progress_every_n_steps")
+            kwargs.setdefault("callbacks", [*callbacks, default_bar(sys.stdout, every)])
         trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:  # Lightning gives W&B anonymous=None, which W&B warns is deprecated
+            if getattr(logger, "_wandb_init", {}).get("anonymous", 0) is None:
+                logger._wandb_init.pop("anonymous")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -192,7 +218,23 @@ def _fail(error: BaseException | str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _quiet() -> None:
+    """Silence what the user cannot act on: Lightning's tips to install its cloud products, and its own
+    deprecated use of torch's pytree API."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_a_tip)  # once: a filter already there is not added again
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
 def main(args: list[str] | None = None) -> None:
+    # A console script's path starts at its own folder, not at the current directory as `python -m`'s does.
+    # Appended, so the user's modules there work as class_path and never shadow an installed package.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     VLMCLI(args=args)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -389,3 +390,42 @@ def test_torch_threads_is_applied_before_the_model_is_built(tmp_path, synthetic_
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_module_in_the_current_directory_needs_no_pythonpath(tmp_path):
+    """As the console script runs: its folder, not the current directory, is first on the path."""
+    import subprocess
+    import sys
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "lightning-vlm").write_text("from lightning_vlm.cli import main\nmain()\n")
+    (tmp_path / "my_callbacks.py").write_text("import lightning as L\n\nclass Marker(L.Callback):\n    pass\n")
+    (tmp_path / "my_rewards.py").write_text("def short(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
+    override = tmp_path / "mine.yaml"
+    override.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "my_callbacks.Marker"},
+        {"class_path": "lightning_vlm.rollout.RolloutCallback", "init_args": {"rewards": ["my_rewards.short"]}},
+    ]}}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # our checkout only: not the current directory
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "bin" / "lightning-vlm"), "fit", "--config", str(ROOT / "zoo" / "tiny_qwen2vl_gspo.yaml"),
+         "--config", str(override), "--print_config"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "my_callbacks.Marker" in done.stdout and "my_rewards.short" in done.stdout
+
+
+def test_help_imports_nothing_heavy_it_does_not_use():
+    """``--help`` needs Lightning (its parser is LightningCLI's) but not W&B, datasets, peft or any model code."""
+    import subprocess
+    import sys
+
+    heavy = ["wandb", "datasets", "peft", "transformers.modeling_utils", "tensorboard"]
+    script = (
+        "import sys\nfrom lightning_vlm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"print([m for m in {heavy!r} if m in sys.modules], file=sys.stderr)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert "fit" in done.stdout and done.stderr.strip().splitlines()[-1] == "[]", done.stderr[-2000:]

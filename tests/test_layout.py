@@ -17,12 +17,15 @@ LAYERS = {
     "objectives": 3,
     "export": 4,
     "checkpoints": 4,
+    "progress": 4,
     "cli": 4,
 }
 # The issue asks for 5,600 (the size before RLOO and the engines); this is a ratchet until then.
 # The hardening issue added ~600 lines (row and file checks, atomic checkpoints, settings and checkpoint
 # checks, encode-once paths, worker timeouts); the 5,600 target is not met, see the issue notes.
-MAX_LINES, MAX_TOTAL = 300, 6342
+# The start-up issue added 22 (no third-party tips, transformers' new cache name, the current directory on
+# the path), the progress lines and bar totals 152 (progress.py, the CLI's choice of bar).
+MAX_LINES, MAX_TOTAL = 300, 6516
 
 
 def _modules() -> dict[str, Path]:

@@ -149,14 +149,15 @@ def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features
         logits_to_keep=1,
         **prefill,
     )
-    cache = out.past_key_values
+    name = "cache" if "cache" in out else "past_key_values"  # transformers' newer name, and its older one
+    cache = out[name]
     cache.batch_repeat_interleave(G)  # (B, ...) -> (B * G, ...), prompt i's copies adjacent
     _repeat_rope_deltas(model, G)
     per_sequence = {k: v.repeat_interleave(G, dim=0) for k, v in _per_sequence(vision, shape).items()}
     return model.generate(
         input_ids=input_ids.repeat_interleave(G, dim=0),
         attention_mask=attention_mask.repeat_interleave(G, dim=0),
-        past_key_values=cache,
+        **{name: cache},
         **settings,
         **per_sequence,
     )

@@ -274,6 +274,7 @@ class RolloutCallback(L.Callback):
             "rollout/reward_std": r.std() if r.numel() > 1 else r.new_zeros(()),
             "rollout/zero_std_groups": 1.0 - torch.cat([_spread(x) for x in rollouts]).float().mean(),
             "rollout/length/mean": lengths.mean(),
+            "rollout/tokens": lengths.sum(),
             "rollout/length/min": lengths.min(),
             "rollout/length/max": lengths.max(),
             "rollout/truncated": torch.cat([x.truncated for x in rollouts]).float().mean(),

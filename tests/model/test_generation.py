@@ -3,6 +3,8 @@ tokens never generated, and the per-row seeded sampler."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -75,6 +77,18 @@ def test_image_tokens_are_never_generated(family, synthetic_dir):
         head.bias = None
     for out in (greedy, sampled):
         assert (out == plain).all()
+
+
+def test_generating_from_a_prefill_uses_no_deprecated_argument(synthetic_dir):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns (FutureWarning) on the old name."""
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM()))
+    bb.load()
+    batch = prompt_batch(prompt_dm(bb.processor, synthetic_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = bb.generate(batch["input_ids"], batch["attention_mask"], batch["vision"], max_new_tokens=NEW,
+                          num_return_sequences=G)  # fmt: skip
+    assert out.shape == (B * G, NEW)
 
 
 # ---------------------------------------------------------------- seeded sampling

@@ -100,6 +100,11 @@ class OnlineObjective(VLMObjective):
         self.backbone.need_reference = self.needs().reference
         self._rollouts: dict[str, list[Rollout]] = {}
 
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimiser steps one training batch (a rollout) makes; progress bars count batches."""
+        return self.settings.num_iterations * self.settings.mini_batches
+
     # ------------------------------------------------------------------ hooks for subclasses
     def needs(self) -> RolloutNeeds:
         """What each rollout needs (default: nothing extra, groups of at least 2)."""
