@@ -41,6 +41,7 @@ class RolloutCallback(L.Callback):
         top_k: int = 0,
         rewards: list[Callable] | None = None,
         reward_weights: list[float] | None = None,
+        conversational_completions: bool = False,
         engine: RolloutEngine | None = None,
         eval_max_new_tokens: int | None = None,
         eval_sampling: bool = False,
@@ -59,10 +60,12 @@ class RolloutCallback(L.Callback):
             temperature: Sampling temperature; every log-prob over the rollout is taken at it.
             top_p: Nucleus sampling threshold (1.0: off).
             top_k: Sample among the k most likely tokens (0: off).
-            rewards: Reward functions ``f(prompts, completions, **columns) -> list[float | None]``, by
-                import path (``lightning_vlm.rollout.rewards.accuracy``) or as a callable class with
-                ``class_path``/``init_args``. Default: accuracy.
+            rewards: Reward functions ``f(prompts, completions, **columns) -> list[float | None]`` (or
+                TRL's ``f(completions, **kwargs)``), by import path (``lightning_vlm.rollout.rewards.accuracy``)
+                or as a callable class with ``class_path``/``init_args``. Default: accuracy.
             reward_weights: One weight per reward function (default 1.0 each).
+            conversational_completions: Give reward functions each completion as TRL does for chat data,
+                ``[{"role": "assistant", "content": text}]``, not its text (the built-in rewards read both).
             engine: What generates: ``{class_path: lightning_vlm.rollout.HFEngine}`` (the default:
                 Hugging Face generation on the trainer's model, prompt once and vision once).
             eval_max_new_tokens: Tokens generated per held-out prompt (greedy); default: ``max_new_tokens``.
@@ -92,6 +95,7 @@ class RolloutCallback(L.Callback):
         self._bound = None
         self.rewards: list[RewardFn] = list(rewards) if rewards else [accuracy]
         self.reward_weights = reward_weights
+        self.conversational = conversational_completions
         if reward_weights is not None and len(reward_weights) != len(self.rewards):
             raise ValueError(
                 f"rollout: {len(self.rewards)} reward functions but {len(reward_weights)} reward_weights"
@@ -221,11 +225,9 @@ class RolloutCallback(L.Callback):
         columns: dict[str, Sequence[Any]] = {
             k: [v for v in values for _ in range(G)] for k, values in batch["columns"].items()
         }
-        columns["completion_ids"] = [
-            row[m.bool()].tolist() for row, m in zip(completion_ids, cmask, strict=True)
-        ]
+        columns["completion_ids"] = [r[m.bool()].tolist() for r, m in zip(completion_ids, cmask, strict=True)]
         columns["group"] = [i for i in range(len(batch["prompts"])) for _ in range(G)]
-        return combine(self.rewards, self.reward_weights, prompts, texts, columns)
+        return combine(self.rewards, self.reward_weights, prompts, texts, columns, self.conversational)
 
     def _fill(self, trainer, pl_module, rollouts: list[Rollout]) -> list[Rollout]:
         """Dynamic sampling: drop zero-spread groups; draw prompt batches until B groups remain."""

@@ -3,85 +3,53 @@
 A reward function is ``f(prompts, completions, **row) -> list[float | None]``: one value per completion.
 Every dataset column arrives as a keyword holding one value per completion (``answer``, ``images``,
 ``task``, ...), so a function takes the columns it needs and ignores the rest with ``**row``. ``None``
-means "not applicable to this sample" and is left out of the weighted sum. :func:`combine` applies
-several functions with weights and names the function and the sample when one raises or returns NaN.
+means "not applicable to this sample" and is left out of the weighted sum. TRL's form,
+``f(completions, **kwargs)`` with ``prompts`` among the keywords, works unchanged (:func:`call`).
+:func:`combine` applies several functions with weights and names the function and the sample when one
+raises or returns NaN.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning_vlm.metrics import normalize_answer
+from lightning_vlm.rollout.answers import same_answer
 
 RewardFn = Callable[..., list[float | None]]
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-_CHOICE = re.compile(r"^(?:the\s+)?(?:answer|option|choice)?\s*(?:is)?\s*:?\s*\(?([a-z])\)?[.):]?$")
-_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?$")
-_FRAC = re.compile(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}")
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.S)
 
 
-def extract_answer(text: str) -> str:
-    """The final answer in a completion: the last ``<answer>...</answer>``, else the last
-    ``\\boxed{...}`` (nested braces allowed), else the whole text."""
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        return tags[-1]
-    start = text.rfind("\\boxed{")
-    if start >= 0:
-        depth, i = 1, start + len("\\boxed{")
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i:j]
-    return text
-
-
-def canonical(text: str) -> str:
-    """Normalise an answer for comparison: case, spaces and outer punctuation; numbers to one form
-    (``"1,000"``, ``"1000.0"`` -> ``"1000"``; ``"1/2"`` and ``"\\frac{1}{2}"`` -> ``"0.5"``; a trailing
-    ``%`` is dropped); choice letters to the letter (``"(B)"``, ``"B."``, ``"Answer: b"`` -> ``"b"``)."""
-    norm = normalize_answer(_FRAC.sub(r"\1/\2", text).replace("\\!", ""))
-    compact = norm.replace(",", "").replace(" ", "").rstrip("%")
-    if "/" in compact and compact.count("/") == 1:
-        num, den = compact.split("/")
-        if _NUMBER.match(num) and _NUMBER.match(den) and float(den) != 0:
-            return _number(float(num) / float(den))
-    if _NUMBER.match(compact):
-        return _number(float(compact))
-    choice = _CHOICE.match(norm)
-    if choice:
-        return choice.group(1)
-    return norm
-
-
-def _number(value: float) -> str:
-    return f"{value:.10g}"
+def text_of(completion: Any) -> str:
+    """A completion's text, also from TRL's conversational form ``[{"role": "assistant", "content": text}]``."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
 def accuracy(
     prompts: Sequence, completions: Sequence[str], answer: Sequence[Any] | None = None, **row
 ) -> list[float | None]:
     """1.0 when the completion's final answer equals the reference answer, else 0.0; None for rows
-    without an answer. Both sides go through :func:`extract_answer` and :func:`canonical`, so the
-    ``answer`` column may hold the bare answer (``"3"``), a tagged one (``"<answer> 3 </answer>"``) or a
-    worked solution ending in ``\\boxed{3}``.
+    without an answer. Both sides go through :func:`~lightning_vlm.rollout.answers.same_answer` (exact
+    and choice matching, math-verify for mathematical answers), so the ``answer`` column may hold the bare
+    answer (``"3"``), a tagged one (``"<answer> 3 </answer>"``) or a worked solution ending in
+    ``\\boxed{3}``.
     """
     if answer is None:
         raise KeyError("accuracy reward: the data has no 'answer' column (map it with data.columns)")
     return [
-        None if ref is None else float(canonical(extract_answer(c)) == canonical(extract_answer(str(ref))))
+        None if ref is None else float(same_answer(text_of(c), str(ref)))
         for c, ref in zip(completions, answer, strict=True)
     ]
 
 
 def think_format(prompts: Sequence, completions: Sequence[str], **row) -> list[float | None]:
     """1.0 for ``<think>...</think><answer>...</answer>`` and nothing else around them, else 0.0."""
-    return [float(bool(_FORMAT.fullmatch(c))) for c in completions]
+    return [float(bool(_FORMAT.fullmatch(text_of(c)))) for c in completions]
 
 
 def _needs(owner: str, name: str, value: Any) -> Any:
@@ -165,7 +133,7 @@ class LengthPenalty:
         groups = _needs("LengthPenalty", "group", group)
         if self.verifier is accuracy:
             _needs("LengthPenalty", "answer", row.get("answer"))
-        correct = self.verifier(prompts, completions, completion_ids=ids, group=groups, **row)
+        correct = call(self.verifier, prompts, completions, {**row, "completion_ids": ids, "group": groups})
         lengths = [len(c) for c in ids]
         bounds: dict[int, tuple[int, int]] = {}
         for g, n, ok in zip(groups, lengths, correct, strict=True):
@@ -189,6 +157,7 @@ def combine(
     prompts: Sequence,
     completions: Sequence[str],
     rows: dict[str, Sequence[Any]],
+    conversational: bool = False,
 ) -> tuple[list[float], dict[str, list[float | None]]]:
     """Score every completion with every function and take the weighted sum of the values that apply:
     ``(total per completion, {function name: values})``; a completion for which every function returned
@@ -201,6 +170,8 @@ def combine(
         prompts: One prompt per completion.
         completions: The completions' texts.
         rows: Dataset columns, one value per completion each, passed as keywords.
+        conversational: Pass each completion as TRL passes it for conversational data,
+            ``[{"role": "assistant", "content": text}]``, instead of its text.
     """
     weights = list(weights) if weights is not None else [1.0] * len(functions)
     if len(weights) != len(functions):
@@ -208,12 +179,13 @@ def combine(
     n = len(completions)
     totals = [0.0] * n
     per_function: dict[str, list[float | None]] = {}
+    given = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
     for fn, weight in zip(functions, weights, strict=True):
         name = _name(fn)
         try:
-            values = list(fn(prompts, completions, **rows))
+            values = call(fn, prompts, given, rows)
         except Exception as err:  # noqa: BLE001 - re-raised with the function and the sample named
-            where = _failing_sample(fn, prompts, completions, rows)
+            where = _failing_sample(fn, prompts, given, rows)
             at = "" if where is None else f", at sample {where} (completion {completions[where][:80]!r})"
             raise RuntimeError(
                 f"reward function {name} raised on this batch of {n} completions{at}: {err!r}"
@@ -239,11 +211,25 @@ def combine(
     return totals, per_function
 
 
+def call(fn: RewardFn, prompts: Sequence, completions: Sequence, rows: dict[str, Sequence[Any]]) -> list:
+    """Call a reward function in its form, told by its signature: TRL's (first parameter ``completions``,
+    or keywords only) gets every argument by keyword, ours (``f(prompts, completions, **row)``) the first
+    two by position. An ``async def`` function is run to its end."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): ours
+        params = None
+    positional = [p for p in params or () if p.kind not in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+    trl = params is not None and (not positional or positional[0].name == "completions")
+    out = fn(prompts=prompts, completions=completions, **rows) if trl else fn(prompts, completions, **rows)
+    return list(asyncio.run(out) if inspect.iscoroutine(out) else out)
+
+
 def _failing_sample(fn: RewardFn, prompts, completions, rows: dict) -> int | None:
     """The first sample on which ``fn`` raises when called on it alone (None if none does)."""
     for i in range(len(completions)):
         try:
-            fn(prompts[i : i + 1], completions[i : i + 1], **{k: v[i : i + 1] for k, v in rows.items()})
+            call(fn, prompts[i : i + 1], completions[i : i + 1], {k: v[i : i + 1] for k, v in rows.items()})
         except Exception:  # noqa: BLE001 - we are only locating the failure
             return i
     return None

@@ -228,3 +228,38 @@ def test_tiny_rlhf_pipeline_sft_rm_ppo_runs_from_the_cli(tmp_path, synthetic_dir
     out = capsys.readouterr().out
     assert "held-out metrics" in out and "val/score" in out and "val/kl" in out
     assert (tmp_path / "ppo" / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "conversational, rewards",
+    [(False, ["reward_len", "reward_func"]), (True, ["format_reward_func", "solution_reward"])],
+)
+def test_a_trl_reward_file_runs_unchanged_in_a_tiny_grpo_recipe(
+    conversational, rewards, tmp_path, synthetic_dir
+):
+    """Reward functions written as TRL documents them (tests/helpers/trl_rewards.py), by import path, in
+    GRPO from the command line: standard ones get the completions' texts, conversational ones (with
+    ``conversational_completions``) one assistant message each; dataset columns arrive as keywords."""
+    rows = [json.loads(line) for line in (synthetic_dir / "prompt_train.jsonl").read_text().splitlines()[:4]]
+    with (tmp_path / "trl.jsonl").open("w") as f:  # a TRL-style dataset: `solution`/`ground_truth` columns
+        for r in rows:
+            r["images"] = [str(synthetic_dir / p) for p in r["images"]]
+            f.write(json.dumps({**r, "solution": r["answer"], "ground_truth": r["answer"]}) + "\n")
+    rollout = {"num_generations": 2, "max_new_tokens": 4, "table_every_n_steps": 1,
+               "conversational_completions": conversational,
+               "rewards": [f"tests.helpers.trl_rewards.{name}" for name in rewards]}  # fmt: skip
+    override = _gspo_override(tmp_path, synthetic_dir, rollout)
+    config = yaml.safe_load(override.read_text())
+    config["trainer"].update(max_steps=1, limit_val_batches=0)
+    config["model"]["class_path"] = "lightning_vlm.objectives.GRPO"
+    config["data"]["init_args"].update(train=str(tmp_path / "trl.jsonl"), val=None)
+    override.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(GSPO_RECIPE), "--config", str(override)])
+    assert "class_path: lightning_vlm.objectives.GRPO" in (tmp_path / "config.yaml").read_text()
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert records and all(set(rewards) <= set(r) for r in records)
+    for r in records:
+        if conversational:
+            assert r["format_reward_func"] in (0.0, 1.0) and r["solution_reward"] in (-1.0, 0.0, 1.0)
+        else:  # the texts themselves: the length reward matches each logged completion
+            assert r["reward_len"] == -abs(20 - len(r["completion"])) and r["reward_func"] == 0.0

@@ -111,6 +111,8 @@ def test_through_combine_and_image_mismatches(exported, samples):
     fn = RewardModelReward(str(exported), batch_size=2, device="cpu")
     total, parts = combine([fn], [2.0], batch["prompts"], COMPLETIONS, batch["columns"])
     assert total == pytest.approx([2 * v for v in parts["RewardModelReward"]])
+    chat, _ = combine([fn], [2.0], batch["prompts"], COMPLETIONS, batch["columns"], conversational=True)
+    assert chat == pytest.approx(total, abs=1e-5)  # completions in TRL's message form score the same
     with pytest.raises(RuntimeError, match="RewardModelReward raised .*1 image part.* 'images' lists 0"):
         combine([fn], None, batch["prompts"][:1], COMPLETIONS[:1], {"images": [[]]})
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
