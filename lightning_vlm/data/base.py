@@ -237,6 +237,9 @@ class WorkerLoader(DataLoader):
             except RuntimeError as err:
                 if "timed out" not in str(err):
                     raise
+                # End the stuck workers now: one exiting later would raise in whatever runs then.
+                getattr(batches, "_shutdown_workers", lambda: None)()
+                self._iterator = None
                 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
                 raise RuntimeError(
                     f"rank {rank}: a DataLoader worker delivered no batch in {self.timeout:g} s "

@@ -145,6 +145,9 @@ def test_loaders_spawn_their_workers_and_a_stuck_worker_fails_naming_the_rank(sm
     assert isinstance(loader, WorkerLoader) and loader.multiprocessing_context.get_start_method() == "spawn"
     with pytest.raises(RuntimeError, match=r"rank 0: a DataLoader worker delivered no batch in 3 s \(data.worker_timeout\)"):
         next(iter(loader))
+    import multiprocessing
+
+    assert not multiprocessing.active_children()  # the stuck worker is gone, not left to die later
     plain = SFTDataModule(train=str(small_file), batch_size=2)  # no workers: nothing to spawn or time out
     plain.datasets["train"] = [0, 1]
     inline = plain._loader("train", torch.utils.data.default_collate, shuffle=False)
