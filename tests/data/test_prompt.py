@@ -77,6 +77,7 @@ def test_batch_is_left_padded_generation_prompts_with_columns(processor, synthet
         "rows",
         "split",
         "prompts",
+        "row_prompts",
         "images",
         "columns",
     }
