@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ class VLMDataModule(L.LightningDataModule):
             return ds
         # Large sources are checked in parallel, one process per DataLoader worker.
         procs = min(h.num_workers, os.cpu_count() or 1) if h.num_workers > 1 and len(ds) >= 2000 else None
-        ds, counts = check_rows(ds, name, self._check_row, self._policy(), procs, self._check_cache(ds))
+        ds, counts = check_rows(ds, name, self._checker(), self._policy(), procs, self._check_cache(ds))
         if counts:
             log.warning("%s: skipped %s of %d rows", name, counts, len(ds) + sum(counts.values()))
         self.skipped[name] = counts
@@ -174,9 +175,12 @@ class VLMDataModule(L.LightningDataModule):
         root = os.environ.get("LIGHTNING_VLM_CACHE", Path.home() / ".cache" / "lightning_vlm")
         return Path(root) / "row_checks" / f"{key}.parquet"
 
-    def __getstate__(self) -> dict:
-        """What a worker process gets (the row check runs there): no trainer, no loaded data."""
-        return {**self.__dict__, "trainer": None, "datasets": {}}
+    def _checker(self):
+        """The row check as worker processes get it: bound to a copy without the trainer (its model)
+        and the loaded data."""
+        light = copy.copy(self)
+        light.trainer, light.datasets = None, {}
+        return light._check_row
 
     def _check_row(self, row: dict) -> int:
         """Validate a row (raise BadRowError naming row and field) and return its token length."""
@@ -238,7 +242,7 @@ class VLMDataModule(L.LightningDataModule):
             from datasets.distributed import split_dataset_by_node
 
             skip = self._resume[1] // (size * world) if split == "train" else 0  # raw batches used
-            batches = StreamBatches(self._check_row, collate, name, self._policy(), skip)
+            batches = StreamBatches(self._checker(), collate, name, self._policy(), skip)
             ds = split_dataset_by_node(self.datasets[split], rank=rank, world_size=world)
             return StreamLoader(ds, batches, self.skipped[name], **args, **workers)
         return WorkerLoader(
