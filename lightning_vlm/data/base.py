@@ -176,8 +176,7 @@ class VLMDataModule(L.LightningDataModule):
         return Path(root) / "row_checks" / f"{key}.parquet"
 
     def _checker(self):
-        """The row check as worker processes get it: bound to a copy without the trainer (its model)
-        and the loaded data."""
+        """The row check bound to a copy without the trainer (its model) and data, for worker processes."""
         light = copy.copy(self)
         light.trainer, light.datasets = None, {}
         return light._check_row
