@@ -171,7 +171,9 @@ class VLMDataModule(L.LightningDataModule):
 
         code = [f.read_bytes() for f in sorted(Path(__file__).parent.glob("*.py"))]
         settings = (type(self).__qualname__, self.hparams.check_images, getattr(self, "system_prompt", None))
-        key = Hasher.hash([ds._fingerprint, self.processor, settings, code])
+        proc, tok = self.processor, self.processor.tokenizer  # not pickled: a call changes its padding state
+        what = [proc.to_json_string(), sorted(tok.get_vocab().items()), tok.chat_template, proc.chat_template]
+        key = Hasher.hash([ds._fingerprint, what, settings, code])
         root = os.environ.get("LIGHTNING_VLM_CACHE", Path.home() / ".cache" / "lightning_vlm")
         return Path(root) / "row_checks" / f"{key}.parquet"
 
