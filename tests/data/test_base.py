@@ -1,12 +1,15 @@
-"""The datamodule base: the processor comes from the trainer's backbone, and images stored as bytes
-(save_to_disk, parquet, the datasets Image feature) collate like image paths."""
+"""The datamodule base: the processor comes from the trainer's backbone, images stored as bytes
+(save_to_disk, parquet, the datasets Image feature) collate like image paths, and row checks are cached
+by the data's fingerprint and what the checks depend on."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import datasets
 import lightning as L
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -153,3 +156,87 @@ def test_loaders_spawn_their_workers_and_a_stuck_worker_fails_naming_the_rank(sm
     inline = plain._loader("train", torch.utils.data.default_collate, shuffle=False)
     assert inline.multiprocessing_context is None and inline.timeout == 0
     assert torch.equal(next(iter(inline)), torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------- cached row checks
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """The rows that SFTDataModule's row check runs on."""
+    seen: list[int] = []
+    check = SFTDataModule._check_row
+
+    def counted(self, row):
+        seen.append(row["__row"])
+        return check(self, row)
+
+    monkeypatch.setattr(SFTDataModule, "_check_row", counted)
+    return seen
+
+
+@pytest.fixture
+def replies_file(tmp_path):
+    name = draw(tmp_path / "img" / "a.png", (64, 64), (220, 30, 30))
+    rows = [
+        {"images": [name], "messages": [user("Colour?", 1), assistant("red " * (i + 1))]} for i in range(4)
+    ]
+    return write_jsonl(tmp_path / "t.jsonl", rows)
+
+
+def test_row_checks_are_cached_and_the_policy_applies_to_the_cached_lengths(
+    processor, replies_file, calls, monkeypatch, tmp_path
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LIGHTNING_VLM_CACHE", str(cache))
+    datamodule(processor, replies_file)
+    assert sorted(calls) == [0, 1, 2, 3]
+    calls.clear()
+    again = datamodule(processor, replies_file)
+    assert calls == [] and again.datasets["train"]["__row"] == [0, 1, 2, 3]  # read from the cache
+    (stored,) = (cache / "row_checks").glob("*.parquet")
+    lengths = pq.read_table(stored)["__len"].to_pylist()
+    assert len(set(lengths)) == 4  # the fixture's rows differ in length
+    limit = sorted(lengths)[1]
+    # max_length is applied to the cached lengths: nothing is checked again, and the same rows are kept
+    # as a fresh check keeps
+    cached = datamodule(processor, replies_file, max_length=limit, overlong="drop")
+    assert calls == []
+    monkeypatch.setenv("LIGHTNING_VLM_CACHE", str(tmp_path / "fresh"))
+    fresh = datamodule(processor, replies_file, max_length=limit, overlong="drop")
+    assert len(calls) == 4
+    kept = [i for i, n in enumerate(lengths) if n <= limit]
+    assert cached.datasets["train"]["__row"] == fresh.datasets["train"]["__row"] == kept
+    assert cached.skipped == fresh.skipped == {replies_file: {"overlong": 2}}
+
+
+def test_row_checks_run_again_when_what_they_depend_on_changes(processor, replies_file, calls):
+    datamodule(processor, replies_file)
+    calls.clear()
+    datamodule(processor, replies_file, max_length=100, overlong="drop", bad_rows="skip")
+    assert calls == []  # the policy is not what the results depend on
+    datamodule(processor, replies_file, check_images=False)  # the check's settings
+    assert len(calls) == 4
+    calls.clear()
+    other = copy.deepcopy(processor)  # the processor's settings
+    other.image_processor.size.longest_edge = 28 * 28 * 4  # a smaller max_pixels
+    datamodule(other, replies_file)
+    assert len(calls) == 4
+    calls.clear()
+    with open(replies_file, "a") as f:  # the data
+        f.write(open(replies_file).readline())
+    datamodule(processor, replies_file)
+    assert len(calls) == 5
+
+
+def test_a_cached_bad_row_is_checked_again(processor, tmp_path, calls):
+    good = draw(tmp_path / "img" / "a.png", (64, 64), (220, 30, 30))
+    rows = [
+        {"images": [name], "messages": [user("Colour?", 1), assistant("red")]} for name in (good, "img/b.png")
+    ]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    assert datamodule(processor, path, bad_rows="skip").skipped[path] == {"bad": 1}
+    calls.clear()
+    draw(tmp_path / "img" / "b.png", (64, 64), (30, 30, 220))  # the missing image is added
+    dm = datamodule(processor, path, bad_rows="skip")
+    assert calls == [1] and dm.skipped[path] == {} and dm.datasets["train"]["__row"] == [0, 1]
