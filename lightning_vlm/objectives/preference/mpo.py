@@ -76,12 +76,13 @@ class MPO(VLMObjective):
             "loss/quality": h.quality_weight * quality,
             "loss/generation": h.generation_weight * generation,
         }
-        metrics.update({k: v.detach() for k, v in terms.items()})
-        # The generation term is a token mean over every rank's chosen responses, as SFT's loss.
-        terms["loss/generation"] = h.generation_weight * self.token_mean_over_ranks(generation, gen["tokens"])
+        metrics.update({k: v.detach() for k, v in terms.items()})  # this rank's values
+        # What trains: the generation term as a token mean over every rank's chosen responses, as SFT's.
+        generation = self.token_mean_over_ranks(generation, gen["tokens"])
+        loss = terms["loss/preference"] + terms["loss/quality"] + h.generation_weight * generation
         metrics["rewards/batch_mean"] = bco_metrics["rewards/batch_mean"]
         metrics["delta"] = torch.tensor(self.delta, device=c.device)
-        return sum(terms.values()), metrics
+        return loss, metrics
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, metrics = self._step(batch, "train")
