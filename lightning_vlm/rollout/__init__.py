@@ -9,6 +9,7 @@ from lightning_vlm.rollout.engines import (
     SamplingSettings,
 )
 from lightning_vlm.rollout.rollout import Rollout
+from lightning_vlm.rollout.vllm_engine import VLLMEngine
 
 __all__ = [
     "Generation",
@@ -18,4 +19,5 @@ __all__ = [
     "RolloutCallback",
     "RolloutEngine",
     "SamplingSettings",
+    "VLLMEngine",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,9 @@ class RolloutCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self.engine.samples_from_trainer:
+            start = time.perf_counter()
             self.engine.sync_weights(pl_module.backbone)
+            pl_module.log("rollout/weight_sync_s", time.perf_counter() - start, on_step=True, batch_size=1)
 
     def _held_out(self, pl_module, batch: dict, batch_idx: int, stage: str) -> None:
         rollouts = [self.sample(pl_module, batch, sampling=self.eval_sampling_settings)]
@@ -187,7 +190,9 @@ class RolloutCallback(L.Callback):
             row_seeds = [_hash(f"{key}-{row}-{k}") for row in batch["rows"] for k in range(G)]
         if sampling.do_sample:
             seed = self._seed(pl_module.global_rank, draw) if seed is None else seed
-        request = GenerationRequest(ids, mask, vision, G, sampling, features, seed, row_seeds)
+        request = GenerationRequest(
+            ids, mask, vision, G, sampling, features, seed, row_seeds, batch.get("images"), list(batch["rows"])
+        )
         out = self.engine.generate(request)
         completions = out.completion_ids
         cmask, truncated = completion_mask(completions, bb.tokenizer.eos_token_id)

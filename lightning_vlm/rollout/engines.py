@@ -45,6 +45,8 @@ class GenerationRequest:
     features: dict[str, Any] | None = None  # the prompts' image features, when already encoded
     seed: int | None = None  # seeds the whole request (None: the current RNG state)
     row_seeds: list[int] | None = None  # one seed per output row: a row's draw is independent of its batch
+    images: list[list[Any]] | None = None  # each prompt's raw (PIL) images, for engines that process them
+    rows: list[int] | None = None  # each prompt's dataset row, for error messages
 
 
 @dataclass

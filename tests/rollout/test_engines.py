@@ -27,3 +27,14 @@ def test_hf_engine_samples_from_the_trainers_model_and_checks_its_request(synthe
     greedy = SamplingSettings(max_new_tokens=NEW, do_sample=False)
     with pytest.raises(ValueError, match="greedy decoding draws one completion per prompt"):
         engine.generate(GenerationRequest(*prompts, G, greedy))
+
+
+def test_the_vllm_engine_without_vllm_names_the_extra(monkeypatch):
+    """Where vLLM is not installed (the main suite's venv), selecting its engine says what to install."""
+    import sys
+
+    from lightning_vlm.rollout import VLLMEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError, installed or not
+    with pytest.raises(ImportError, match=r'pip install "lightning-vlm\[vllm\]"'):
+        VLLMEngine().setup(build().backbone)
