@@ -9,7 +9,7 @@ from lightning_vlm.losses.group import group_advantages, grpo_loss, gspo_loss, r
 from lightning_vlm.losses.ppo import explained_variance, gae, kl_penalty_rewards, masked_whiten, ppo_losses
 from lightning_vlm.losses.preference import bco_pair_loss, dpo_loss, hinge_loss, ipo_loss, reward_model_loss
 from lightning_vlm.losses.sft import sft_loss
-from lightning_vlm.losses.steps import StepTotals, over_step
+from lightning_vlm.losses.steps import StepTotals, over_step, tis_weights
 
 __all__ = [
     "StepTotals",
@@ -29,4 +29,5 @@ __all__ = [
     "reward_model_loss",
     "rloo_advantages",
     "sft_loss",
+    "tis_weights",
 ]

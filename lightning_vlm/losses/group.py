@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_vlm.losses.steps import StepTotals, over_step
+from lightning_vlm.losses.steps import StepTotals, over_step, tis_weights
 
 Metrics = dict[str, torch.Tensor]
 
@@ -83,6 +83,8 @@ def grpo_loss(
     norm: str = "dapo",
     max_completion_length: int | None = None,
     totals: StepTotals | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GRPO's clipped surrogate per token, with an optional k3 KL penalty to the reference.
 
@@ -105,16 +107,22 @@ def grpo_loss(
         totals: The optimiser step's totals when it is computed in chunks: the loss is then divided
             by the step's kept tokens (``bnpo``/``dapo``) or kept sequences (the others) instead of
             this batch's own.
+        sampler_logps: (B, L) the rollout engine's own log-probs, when its numerics are not the trainer's.
+        tis_cap: With ``sampler_logps``, each token's surrogate (not the KL) is weighted by the detached
+            ``min(exp(old_logps - sampler_logps), tis_cap)`` (``steps.tis_weights``). None: no correction.
 
     Returns:
         ``(loss, metrics)`` with clip fractions (``clip/low``: ratio below the floor with A < 0,
-        ``clip/high``: above the ceiling with A > 0), ``kl`` (token mean of k3) and ``ratio``.
+        ``clip/high``: above the ceiling with A > 0), ``kl`` (token mean of k3), ``ratio`` and, with the
+        correction, ``rollout/tis_clipped`` (fraction of kept tokens whose weight the cap clipped).
     """
     mask = mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps)  # (B, L)
     a = advantages[:, None]
     per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
-    metrics: Metrics = {}
+    weights, metrics = tis_weights(old_logps, sampler_logps, mask, tis_cap)
+    if weights is not None:
+        per_token = per_token * weights
     tokens = mask.sum().clamp(min=1.0)
     if beta:
         if ref_logps is None:
@@ -155,6 +163,8 @@ def gspo_loss(
     ref_logps: torch.Tensor | None = None,
     token_level: bool = False,
     totals: StepTotals | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GSPO: one importance ratio per sequence, the geometric mean of its token ratios, clipped.
 
@@ -177,10 +187,15 @@ def gspo_loss(
         token_level: GSPO-token instead of GSPO.
         totals: The optimiser step's totals when it is computed in chunks: the mean over sequences
             becomes the sum over this batch's sequences divided by the step's kept sequences.
+        sampler_logps: (B, L) the rollout engine's own log-probs, when its numerics are not the trainer's.
+        tis_cap: With ``sampler_logps``, each sequence's surrogate (not the KL) is weighted by the detached
+            ``min(exp(masked token mean of (old_logps - sampler_logps)), tis_cap)``, a geometric mean like
+            ``s`` (``steps.tis_weights``; GSPO-token too). None: no correction.
 
     Returns:
         ``(loss, metrics)`` with the clip fractions of sequences (``clip/low``, ``clip/high``),
-        ``ratio`` (mean sequence ratio) and ``kl`` when ``beta > 0``.
+        ``ratio`` (mean sequence ratio), ``kl`` when ``beta > 0`` and, with the correction,
+        ``rollout/tis_clipped`` (fraction of kept sequences whose weight the cap clipped).
     """
     mask = mask.to(logps.dtype)
     lengths = mask.sum(-1).clamp(min=1.0)  # (B,)
@@ -193,7 +208,9 @@ def gspo_loss(
     else:
         s = torch.exp(log_s)
         per_seq = -torch.min(s * a, torch.clamp(s, 1 - eps_low, 1 + eps_high) * a)
-    metrics: Metrics = {}
+    weights, metrics = tis_weights(old_logps, sampler_logps, mask, tis_cap, sequence=True)
+    if weights is not None:
+        per_seq = per_seq * weights
     if beta:
         if ref_logps is None:
             raise ValueError("gspo_loss: beta > 0 needs ref_logps")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_vlm.losses.steps import StepTotals, over_step
+from lightning_vlm.losses.steps import StepTotals, over_step, tis_weights
 
 Metrics = dict[str, torch.Tensor]
 
@@ -117,6 +117,8 @@ def ppo_losses(
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
     totals: StepTotals | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO's clipped policy loss plus its clipped value loss, token means over the mask.
 
@@ -137,17 +139,23 @@ def ppo_losses(
         vf_coef: Weight of the value loss.
         totals: The optimiser step's totals when it is computed in chunks: both token means are then
             taken over the step's kept tokens.
+        sampler_logps: (B, L) the rollout engine's own log-probs, when its numerics are not the trainer's.
+        tis_cap: With ``sampler_logps``, each token's ``pg`` (not ``vf``) is weighted by the detached
+            ``min(exp(old_logps - sampler_logps), tis_cap)`` (``steps.tis_weights``). None: no correction.
 
     Returns:
         ``(loss, metrics)`` with ``policy/loss``, ``policy/clipfrac`` (tokens where the clipped term is
-        the max), ``policy/approxkl`` (``0.5 * mean((logp - old)^2)``), ``policy/ratio``, ``value/loss``
-        and ``value/clipfrac``.
+        the max), ``policy/approxkl`` (``0.5 * mean((logp - old)^2)``), ``policy/ratio``, ``value/loss``,
+        ``value/clipfrac`` and, with the correction, ``rollout/tis_clipped`` (fraction of kept tokens
+        whose weight the cap clipped).
     """
     mask = mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    pg_loss = _masked_mean(torch.max(pg1, pg2), mask)
+    weights, tis = tis_weights(old_logps, sampler_logps, mask, tis_cap)
+    pg = torch.max(pg1, pg2)
+    pg_loss = _masked_mean(pg if weights is None else pg * weights, mask)
     clipped_values = torch.max(torch.min(values, old_values + cliprange_value), old_values - cliprange_value)
     vf1 = (values - returns) ** 2
     vf2 = (clipped_values - returns) ** 2
@@ -161,6 +169,7 @@ def ppo_losses(
         "policy/ratio": _masked_mean(ratio.detach(), mask),
         "value/loss": vf_loss.detach(),
         "value/clipfrac": _masked_mean((vf2 > vf1).to(mask.dtype), mask).detach(),
+        **tis,
     }
     return loss, metrics
 

@@ -60,6 +60,19 @@ def _rl_case(seed: int, b: int = 4, length: int = 5):
     return logps, old, ref, adv, mask
 
 
+CAP = 2.0  # truncated importance sampling's cap in the cases below
+
+
+def _sampler(old: torch.Tensor, mask: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Engine log-probs ``old + shift`` (weights exp(-shift), some above CAP), NaN on padding (never read)."""
+    return (old + shift).masked_fill(mask == 0, float("nan"))
+
+
+def _tis(od: list[float], sp: list[float], mk: list[float]) -> list[float]:
+    """Float64 truncated importance-sampling weights of one sequence's tokens (1 on padding)."""
+    return [min(math.exp(o - s), CAP) if m else 1.0 for o, s, m in zip(od, sp, mk, strict=True)]
+
+
 def _surrogate(rho: float, a: float, lo: float, hi: float) -> tuple[float, float]:
     """-min(rho*A, clip(rho)*A) and its derivative in log rho."""
     clipped = min(max(rho, 1 - lo), 1 + hi)
@@ -70,22 +83,28 @@ def _surrogate(rho: float, a: float, lo: float, hi: float) -> tuple[float, float
 
 @pytest.mark.parametrize("norm", ["grpo", "bnpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_grpo_loss_matches_float64_reference(norm, beta):
+@pytest.mark.parametrize("tis", [False, True], ids=["", "tis"])
+def test_grpo_loss_matches_float64_reference(norm, beta, tis):
+    """With ``tis``: engine log-probs whose weights exp(old - sampler) run 0.55 .. 3.3, so the cap clips some."""
     logps, old, ref, adv, mask = _rl_case(11)
     lo, hi, max_len = 0.2, 0.28, 8
+    shift = torch.rand(logps.shape, generator=torch.Generator().manual_seed(1)) * 1.8 - 1.2
+    sampler = _sampler(old, mask, shift) if tis else None
     x = logps.clone().requires_grad_(True)
     loss, m = grpo_loss(x, old, adv, mask, eps_low=lo, eps_high=hi, beta=beta, ref_logps=ref, norm=norm,
-                        max_completion_length=max_len)  # fmt: skip
+                        max_completion_length=max_len, sampler_logps=sampler, tis_cap=CAP)  # fmt: skip
     loss.backward()
     b, length = logps.shape
     lp, od, rf, mk = (t.double().tolist() for t in (logps, old, ref, mask))
+    sp = sampler.double().tolist() if tis else od
     per, grad = [[0.0] * length for _ in range(b)], [[0.0] * length for _ in range(b)]
     for i in range(b):
+        w = _tis(od[i], sp[i], mk[i])  # 1 everywhere without engine log-probs
         for t in range(length):
             value, d = _surrogate(math.exp(lp[i][t] - od[i][t]), adv[i].item(), lo, hi)
             dk = rf[i][t] - lp[i][t]
-            per[i][t] = value + beta * (math.exp(dk) - dk - 1)
-            grad[i][t] = d + beta * (1 - math.exp(dk))
+            per[i][t] = w[t] * value + beta * (math.exp(dk) - dk - 1)  # the KL is not reweighted
+            grad[i][t] = w[t] * d + beta * (1 - math.exp(dk))
     n_tok = sum(map(sum, mk))
     weight = [
         [mk[i][t] * {"grpo": 1 / (sum(mk[i]) * b), "bnpo": 1 / n_tok, "dapo": 1 / n_tok, "dr_grpo": 1 / (b * max_len)}[norm]
@@ -97,6 +116,11 @@ def test_grpo_loss_matches_float64_reference(norm, beta):
     want_grad = torch.tensor([[grad[i][t] * weight[i][t] for t in range(length)] for i in range(b)])
     assert torch.allclose(x.grad.double(), want_grad.double(), atol=1e-6)
     assert ("kl" in m) == (beta > 0)
+    assert ("rollout/tis_clipped" in m) == tis
+    if tis:
+        raw = [math.exp(od[i][t] - sp[i][t]) for i in range(b) for t in range(length) if mk[i][t]]
+        clipped = sum(r > CAP for r in raw)
+        assert 0 < clipped < len(raw) and m["rollout/tis_clipped"].item() == pytest.approx(clipped / len(raw))
 
 
 def test_grpo_clipping_edges_hand_computed():
@@ -129,7 +153,10 @@ def test_on_policy_grpo_is_the_policy_gradient():
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_gspo_loss_matches_float64_reference(beta):
+@pytest.mark.parametrize("tis", [False, True], ids=["", "tis"])
+def test_gspo_loss_matches_float64_reference(beta, tis):
+    """With ``tis``: one weight per sequence, exp(masked token mean of (old - sampler)): about e^1.0
+    (clipped at 2), e^-0.3, e^0.2 and e^-0.9, with per-token noise that the mean keeps."""
     logps, _, ref, _, mask = _rl_case(5)
     # sequence log-ratios: above the ceiling (A > 0: clipped), below the floor (A < 0: clipped),
     # and two inside the range; per-token noise that the masked mean keeps
@@ -139,20 +166,24 @@ def test_gspo_loss_matches_float64_reference(beta):
     adv = torch.tensor([1.0, -1.0, 0.5, -2.0])
     lo, hi = 3e-4, 4e-4
     b, length = logps.shape
+    shifts = -torch.tensor([1.0, -0.3, 0.2, -0.9])[:, None] + 20 * noise
+    sampler = _sampler(old, mask, shifts) if tis else None
     results = []
     for token_level in (False, True):
         x = logps.clone().requires_grad_(True)
-        loss, m = gspo_loss(
-            x, old, adv, mask, eps_low=lo, eps_high=hi, beta=beta, ref_logps=ref, token_level=token_level
-        )
+        loss, m = gspo_loss(x, old, adv, mask, eps_low=lo, eps_high=hi, beta=beta, ref_logps=ref,
+                            token_level=token_level, sampler_logps=sampler, tis_cap=CAP)  # fmt: skip
         loss.backward()
         results.append((loss.item(), x.grad.clone(), m))
     lp, od, rf, mk = (t.double().tolist() for t in (logps, old, ref, mask))
+    sp = sampler.double().tolist() if tis else od
     want, want_grad, clipped = 0.0, torch.zeros(b, length, dtype=torch.float64), 0
     for i in range(b):
         n = sum(mk[i])
         s = math.exp(sum((lp[i][t] - od[i][t]) * mk[i][t] for t in range(length)) / n)
+        w = min(math.exp(sum((od[i][t] - sp[i][t]) for t in range(length) if mk[i][t]) / n), CAP)
         value, d = _surrogate(s, adv[i].item(), lo, hi)
+        value, d = w * value, w * d  # the KL is not reweighted
         clipped += d == 0.0
         kl = (
             sum((math.exp(rf[i][t] - lp[i][t]) - (rf[i][t] - lp[i][t]) - 1) * mk[i][t] for t in range(length))
@@ -167,3 +198,24 @@ def test_gspo_loss_matches_float64_reference(beta):
         assert loss == pytest.approx(want, rel=1e-5, abs=1e-7)
         assert torch.allclose(grad.double(), want_grad, atol=1e-6)
     assert results[0][2]["clip/low"] + results[0][2]["clip/high"] == pytest.approx(clipped / b)
+    for _, _, m in results:
+        assert ("rollout/tis_clipped" in m) == tis and (not tis or m["rollout/tis_clipped"].item() == 0.25)
+
+
+@pytest.mark.parametrize("loss_fn", [grpo_loss, gspo_loss])
+def test_without_engine_logps_or_cap_the_losses_are_unchanged(loss_fn):
+    """No correction unless both ``sampler_logps`` and ``tis_cap`` are given: the loss, metrics and
+    gradient are bitwise those of a call without them."""
+    logps, old, _, adv, mask = _rl_case(2)
+    sampler = _sampler(old, mask, torch.full_like(old, -1.0))  # weights e (clipped at 2) if they applied
+    results = []
+    for kw in ({}, {"tis_cap": CAP}, {"sampler_logps": sampler}):
+        x = logps.clone().requires_grad_(True)
+        loss, m = loss_fn(x, old, adv, mask, **kw)
+        loss.backward()
+        results.append((loss, m, x.grad))
+    for loss, m, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][2])
+        assert m.keys() == results[0][1].keys() and all(torch.equal(m[k], results[0][1][k]) for k in m)
+    capped, _ = loss_fn(logps, old, adv, mask, sampler_logps=sampler, tis_cap=CAP)
+    assert not torch.equal(capped, results[0][0])  # with both, the correction applies

@@ -107,7 +107,10 @@ def test_ppo_clipping_edges_hand_computed():
     assert m["policy/clipfrac"].item() == 0.5 and m["value/clipfrac"].item() == 0.25
 
 
-def test_ppo_losses_match_float64_reference():
+@pytest.mark.parametrize("tis", [False, True], ids=["", "tis"])
+def test_ppo_losses_match_float64_reference(tis):
+    """With ``tis``: engine log-probs whose weights exp(old - sampler) run 0.55 .. 3.3 (the cap, 2, clips
+    some); they weight the policy term only, not the value loss."""
     g = torch.Generator().manual_seed(7)
     b, n = 4, 5
     logps = -torch.rand(b, n, generator=g) * 3
@@ -119,23 +122,27 @@ def test_ppo_losses_match_float64_reference():
     mask = torch.ones(b, n)
     mask[1, 2:] = 0
     mask[3, 4:] = 0
-    c, cv, coef = 0.2, 0.15, 0.3
+    c, cv, coef, cap = 0.2, 0.15, 0.3, 2.0
+    sampler = (old + torch.rand(b, n, generator=g) * 1.8 - 1.2).masked_fill(mask == 0, float("nan"))
     x, v = logps.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    kw = {"sampler_logps": sampler, "tis_cap": cap} if tis else {}
     loss, m = ppo_losses(
-        x, old, adv, v, old_values, returns, mask, cliprange=c, cliprange_value=cv, vf_coef=coef
+        x, old, adv, v, old_values, returns, mask, cliprange=c, cliprange_value=cv, vf_coef=coef, **kw
     )
     loss.backward()
-    tokens = mask.sum().item()
+    tokens, clipped = mask.sum().item(), 0
     total, gx, gv = 0.0, torch.zeros(b, n, dtype=torch.float64), torch.zeros(b, n, dtype=torch.float64)
     for i in range(b):
         for t in range(n):
             if not mask[i, t]:
                 continue
             rho = math.exp(logps[i, t].item() - old[i, t].item())
+            w = min(math.exp(old[i, t].item() - sampler[i, t].item()), cap) if tis else 1.0
+            clipped += w == cap
             a = adv[i, t].item()
             un, cl = -a * rho, -a * min(max(rho, 1 - c), 1 + c)
-            total += max(un, cl) / tokens
-            gx[i, t] = (-a * rho if un >= cl else 0.0) / tokens
+            total += w * max(un, cl) / tokens
+            gx[i, t] = w * (-a * rho if un >= cl else 0.0) / tokens
             val, ov, ret = values[i, t].item(), old_values[i, t].item(), returns[i, t].item()
             vc = min(max(val, ov - cv), ov + cv)
             e1, e2 = (val - ret) ** 2, (vc - ret) ** 2
@@ -147,6 +154,28 @@ def test_ppo_losses_match_float64_reference():
     assert torch.allclose(v.grad.double(), gv, atol=1e-6)
     d = (logps - old)[mask.bool()].double()
     assert m["policy/approxkl"].item() == pytest.approx(0.5 * (d**2).mean().item(), rel=1e-5)
+    assert ("rollout/tis_clipped" in m) == tis
+    if tis:
+        assert 0 < clipped < tokens and m["rollout/tis_clipped"].item() == pytest.approx(clipped / tokens)
+
+
+def test_ppo_losses_without_engine_logps_or_cap_are_unchanged():
+    """No correction unless both ``sampler_logps`` and ``tis_cap`` are given: bitwise the plain call."""
+    g = torch.Generator().manual_seed(3)
+    logps, adv, values, returns = (torch.randn(3, 4, generator=g) for _ in range(4))
+    old, mask = logps + 0.1 * torch.randn(3, 4, generator=g), torch.ones(3, 4)
+    sampler = old - 1.0  # weights e (clipped at 2) if they applied
+    results = []
+    for kw in ({}, {"tis_cap": 2.0}, {"sampler_logps": sampler}, {"sampler_logps": sampler, "tis_cap": 2.0}):
+        x = logps.clone().requires_grad_(True)
+        loss, m = ppo_losses(x, old, adv, values, values, returns, mask, **kw)
+        loss.backward()
+        results.append((loss, m, x.grad))
+    for loss, m, grad in results[1:3]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][2])
+        assert m.keys() == results[0][1].keys() and all(torch.equal(m[k], results[0][1][k]) for k in m)
+    assert not torch.equal(results[3][0], results[0][0])  # with both, the correction applies
+    assert torch.equal(results[3][1]["value/loss"], results[0][1]["value/loss"])  # not weighted
 
 
 def test_explained_variance_matches_statistics():

@@ -51,6 +51,9 @@ class OnlineSettings:
         max_grad_norm: Clip the gradient norm per optimiser step (null: off). Lightning's
             ``gradient_clip_val`` and ``accumulate_grad_batches`` do not apply (manual optimisation).
         router_aux_coef: Weight of the MoE router load-balancing loss (MoE backbones only; 0: off).
+        tis_cap: Truncated importance sampling: the policy-gradient term is weighted by
+            ``min(pi_old / pi_sampler, tis_cap)`` (per token; per sequence for GSPO), on whenever the
+            engine is not the trainer itself, i.e. the rollout carries engine log-probs; null: off.
     """
 
     num_iterations: int = 1
@@ -58,6 +61,7 @@ class OnlineSettings:
     accumulation: int = 1
     max_grad_norm: float | None = 1.0
     router_aux_coef: float = 0.0
+    tis_cap: float | None = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class OnlineObjective(VLMObjective):
         for name in ("num_iterations", "mini_batches", "accumulation"):
             if getattr(settings, name) < 1:
                 raise ValueError(f"model.loop.{name} must be at least 1, got {getattr(settings, name)}")
+        if settings.tis_cap is not None and not settings.tis_cap > 0:
+            raise ValueError(f"model.loop.tis_cap must be positive (null: off), got {settings.tis_cap}")
         self.settings = settings
         self.hparams["loop"] = asdict(settings)  # plain values in checkpoints (weights-only loading)
         self.automatic_optimization = False  # several optimiser steps per rollout

@@ -71,4 +71,6 @@ class GSPO(OnlineObjective):
             ref_logps=chunk.ref_logps,
             token_level=h.token_level,
             totals=chunk.totals,
+            sampler_logps=chunk.sampler_logps,
+            tis_cap=chunk.tis_cap,
         )

@@ -14,9 +14,9 @@ from lightning_vlm.losses import StepTotals
 from lightning_vlm.model.moe import capture_router_logits, load_balancing_loss, moe_layout
 from lightning_vlm.rollout.rollout import Rollout
 
-# Metrics named in these sections keep their names (PPO's, as TRL and the N+ details paper name them);
-# every other training metric is logged as ``train/<name>``.
-SECTIONS = ("objective/", "policy/", "value/")
+# Metrics named in these sections keep their names (PPO's, as TRL and the N+ details paper name them, and
+# the sampler mismatch's ``rollout/*``); every other training metric is logged as ``train/<name>``.
+SECTIONS = ("objective/", "policy/", "value/", "rollout/")
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Chunk:
     rollout: Rollout
     samples: list[int]  # sample indices of every prompt in this chunk
     rows: torch.Tensor  # (R,) rollout rows (``rollout.rows_of(samples)``)
+    sampler_logps: torch.Tensor | None = None  # (R, N) the engine's own (``rollout.engine_logps``), or None
+    tis_cap: float | None = None  # truncated importance sampling's cap (``OnlineSettings.tis_cap``)
 
 
 def chunks(objective, G: int) -> list[list[list[int]]]:
@@ -117,6 +119,11 @@ def train(objective, rollouts: list[Rollout]) -> None:
             opt.zero_grad()
             if sched is not None:
                 sched.step()
+    gap = history.pop("logp_gap", None)
+    if gap:  # over every kept token of the step (each pass sees the same values)
+        g = torch.stack(gap)  # (chunks, 3): sum, tokens, max
+        history["rollout/logp_gap"] = [g[:, 0].sum() / g[:, 1].sum().clamp(min=1.0)]
+        history["rollout/logp_gap_max"] = [g[:, 2].max()]
     batch_size = rollouts[0].num_prompts
     for key, values in history.items():
         m.log(
@@ -166,10 +173,15 @@ def chunk_loss(objective, r: Rollout, samples: list[int], totals: StepTotals, fo
         rollout=r,
         samples=samples,
         rows=rows,
+        sampler_logps=r.engine_logps[rows].to(lp) if r.engine_logps is not None else None,
+        tis_cap=objective.settings.tis_cap,
     )
     loss, metrics = objective.policy_loss(chunk)
     tokens = mask.sum().clamp(min=1.0)
     metrics = {**metrics, "policy/entropy": (ent * mask).sum() / tokens}
+    if chunk.sampler_logps is not None:  # the engine's numerics against the trainer's (sampling weights)
+        gap = torch.where(mask.bool(), (chunk.sampler_logps - chunk.old_logps).abs(), 0.0)  # (R, N)
+        metrics["logp_gap"] = torch.stack([gap.sum(), mask.sum().to(gap), gap.max()])
     if aux is not None and keep.any() and forwards:  # chunks without kept samples add no aux
         metrics["router_aux_loss"] = aux.detach()
         loss = loss + objective.settings.router_aux_coef * aux / forwards

@@ -201,4 +201,6 @@ class PPO(OnlineObjective):
             cliprange_value=h.cliprange_value,
             vf_coef=h.vf_coef,
             totals=chunk.totals,
+            sampler_logps=chunk.sampler_logps,
+            tis_cap=chunk.tis_cap,
         )

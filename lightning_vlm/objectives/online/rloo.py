@@ -69,4 +69,6 @@ class RLOO(OnlineObjective):
             norm=h.norm,
             max_completion_length=chunk.rollout.max_new_tokens,
             totals=chunk.totals,
+            sampler_logps=chunk.sampler_logps,
+            tis_cap=chunk.tis_cap,
         )

@@ -4,6 +4,7 @@ reference), the objectives' losses are their loss functions, and the MoE router 
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import replace
 from types import SimpleNamespace
@@ -15,6 +16,8 @@ from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM
 from lightning_vlm.losses import grpo_loss, gspo_loss
 from lightning_vlm.objectives import GRPO, GSPO
 from lightning_vlm.objectives.online import Chunk, loop
+from lightning_vlm.rollout import Generation, HFEngine, Rollout, RolloutEngine
+from lightning_vlm.rollout.rollout import completion_mask
 from tests.helpers.online import (
     NEW,
     B,
@@ -24,6 +27,7 @@ from tests.helpers.online import (
     build,
     count_calls,
     fit,
+    online_objectives,
     plain_logps,
     prepared_rollout,
     prompt_batch,
@@ -227,6 +231,79 @@ def test_policy_loss_is_the_loss_function(cls, kw):
     (ours,) = torch.autograd.grad(loss, chunk.logps, retain_graph=True)
     (theirs,) = torch.autograd.grad(want, chunk.logps)
     assert ours.abs().sum() > 0 and torch.allclose(ours, theirs, atol=1e-7)
+
+
+# ---------------------------------------------------------------- an engine that is not the trainer
+class OffsetEngine(RolloutEngine):
+    """Hugging Face sampling that reports the trainer's own log-probs of its samples moved by ``offset``,
+    down on even rows and up on odd ones (TIS weights e^offset and e^-offset): an engine whose numerics
+    are not the trainer's. Its weights never go stale here, so ``sync_weights`` stays the no-op."""
+
+    samples_from_trainer = False
+
+    def __init__(self, module, offset: float):
+        self.hf, self.module, self.offset = HFEngine(), module, offset
+
+    def setup(self, backbone):
+        self.hf.setup(backbone)
+
+    def generate(self, request):
+        ids = self.hf.generate(request).completion_ids
+        mask, truncated = completion_mask(ids, self.module.backbone.tokenizer.eos_token_id)
+        n = len(ids)
+        r = Rollout(request.prompt_ids, request.prompt_mask, request.vision, request.features, ids, mask,
+                    request.num_samples, torch.zeros(n), {}, [""] * n, truncated,
+                    torch.ones(n, dtype=torch.bool), request.sampling)  # fmt: skip
+        sign = 1.0 - 2.0 * (torch.arange(n) % 2)  # (B*G,) +1 on even rows
+        return Generation(ids, logps=(loop.logps(self.module, r) - sign[:, None] * self.offset) * mask)
+
+
+def _engine_step(synthetic_dir, offset: float, tis_cap: float | None):
+    """One GRPO step with an ``OffsetEngine``: (each parameter's update, the logged metrics, the rollout)."""
+    module = build(GRPO, loop={"tis_cap": tis_cap}, lr=1e-2)
+    before, spy = snapshot(module), Spy()
+    trainer = fit(module, synthetic_dir, [rollout_callback(engine=OffsetEngine(module, offset)), spy])
+    update = {n: p.detach() - before[n] for n, p in module.named_parameters()}
+    return update, trainer.callback_metrics, spy.rollouts[0][0]
+
+
+def test_engine_logps_are_measured_against_the_trainers_and_reweight_the_update(synthetic_dir):
+    """``rollout/logp_gap`` is |engine - trainer| over the kept tokens; TIS (``loop.tis_cap``, default 2)
+    changes the update when the engine's log-probs are far from the trainer's, and not when they agree."""
+    capped, metrics, r = _engine_step(synthetic_dir, 3.0, 2.0)
+    plain, plain_metrics, _ = _engine_step(synthetic_dir, 3.0, None)
+    for m in (metrics, plain_metrics):
+        assert float(m["rollout/logp_gap"]) == pytest.approx(3.0, abs=1e-4)
+        assert float(m["rollout/logp_gap_max"]) == pytest.approx(3.0, abs=1e-4)
+    mask = r.completion_mask.float()  # even rows: weight e^3, clipped at 2; odd rows: e^-3
+    assert float(metrics["rollout/tis_clipped"]) == pytest.approx(float(mask[0::2].sum() / mask.sum()))
+    assert "rollout/tis_clipped" not in plain_metrics and "train/rollout/logp_gap" not in metrics
+    assert any(not torch.allclose(capped[n], plain[n], atol=1e-5) for n in capped)
+    agree, agree_metrics, _ = _engine_step(synthetic_dir, 0.0, 2.0)
+    agree_plain, _, _ = _engine_step(synthetic_dir, 0.0, None)
+    assert float(agree_metrics["rollout/logp_gap"]) < 1e-5
+    assert float(agree_metrics["rollout/tis_clipped"]) == 0
+    assert any(u.abs().max() > 1e-4 for u in agree.values())  # the step did move the weights
+    assert all(torch.allclose(agree[n], agree_plain[n], atol=1e-7) for n in agree)
+
+
+def test_tis_cap_must_be_positive():
+    with pytest.raises(ValueError, match=r"model.loop.tis_cap must be positive \(null: off\), got 0"):
+        GRPO(BackboneConfig(tiny=TinyVLM()), loop={"tis_cap": 0.0})
+
+
+@pytest.mark.parametrize("cls", online_objectives(), ids=lambda c: c.__name__)
+def test_policy_loss_passes_the_engines_logps_and_the_cap(cls):
+    """A chunk's engine log-probs reach the loss function: a uniform weight pi_old / pi_sampler = 1.5,
+    below the cap, scales the (KL-free) policy loss by 1.5, per token or per sequence; no cap, no change."""
+    module = cls(BackboneConfig(tiny=TinyVLM()))
+    chunk = _chunk({}, 2e-4)
+    plain, _ = module.policy_loss(chunk)
+    sampler = chunk.old_logps - math.log(1.5)
+    weighted, metrics = module.policy_loss(replace(chunk, sampler_logps=sampler, tis_cap=2.0))
+    assert plain.abs() > 1e-3 and torch.allclose(weighted, 1.5 * plain, rtol=1e-5)
+    assert float(metrics["rollout/tis_clipped"]) == 0.0
+    assert torch.equal(module.policy_loss(replace(chunk, sampler_logps=sampler))[0], plain)
 
 
 # ---------------------------------------------------------------- MoE

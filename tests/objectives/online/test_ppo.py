@@ -210,15 +210,19 @@ def test_policy_loss_is_ppo_losses_on_the_critics_values(rm_folder, synthetic_di
     logps, _, _ = loop.forward(module, r, samples)
     mask = r.completion_mask[rows].float()
     old = r.old_logps[rows] - 0.3 * mask  # ratios away from 1, so the clipping matters
+    sampler = old + torch.linspace(-1.0, 0.5, mask.shape[1])  # an engine's log-probs: weights e^1 .. e^-0.5
     chunk = Chunk(logps=logps, old_logps=old, ref_logps=r.ref_logps[rows], advantages=r.advantages[rows],
-                  mask=mask, totals=None, rollout=r, samples=samples, rows=rows)  # fmt: skip
+                  mask=mask, totals=None, rollout=r, samples=samples, rows=rows, sampler_logps=sampler,
+                  tis_cap=2.0)  # fmt: skip
     loss, metrics = module.policy_loss(chunk)
     seq = r.sequences(samples)
     values = module.critic.values(seq)  # the image encoded anew: no shared features
-    ref_loss, _ = ppo_losses(logps, old, r.advantages[rows], values, r.extra["values"][rows],
-                             r.extra["returns"][rows], mask, 0.1, 0.05, 0.3)  # fmt: skip
+    ref_loss, ref_metrics = ppo_losses(logps, old, r.advantages[rows], values, r.extra["values"][rows],
+                                       r.extra["returns"][rows], mask, 0.1, 0.05, 0.3, sampler_logps=sampler,
+                                       tis_cap=2.0)  # fmt: skip
     assert torch.allclose(loss, ref_loss, atol=1e-6)
     assert metrics["policy/clipfrac"] > 0
+    assert 0 < float(metrics["rollout/tis_clipped"]) == float(ref_metrics["rollout/tis_clipped"]) < 1
     loss.backward()
     assert module.critic.head.weight.grad is not None and module.critic.head.weight.grad.abs().sum() > 0
 
