@@ -1,12 +1,11 @@
 """The :class:`RolloutCallback`: the rollout side of online RL.
 
-One callback serves every online objective. Before each training step it takes the step's prompt
-batch (``PromptDataModule``), encodes each prompt's images once, has its engine
-(``lightning_vlm.rollout.engines``; Hugging Face generation by default) sample G completions per
-prompt, scores them with the reward functions, and hands the finished rollouts to the objective
-through the objective's one hook, ``on_rollout(rollouts, stage)``. Held-out batches get a greedy
-rollout the same way (``stage`` ``val``, ``test`` or ``predict``). The callback samples and scores,
-nothing else: advantages and log-probs are the objective's business.
+One callback serves every online objective. Before each training step it takes the step's prompt batch
+(``PromptDataModule``), encodes each prompt's images once, has its engine (Hugging Face generation by
+default, or vLLM) sample G completions per prompt, scores them with the reward functions, and hands the
+finished rollouts to the objective through its one hook, ``on_rollout(rollouts, stage)``. Held-out
+batches get a greedy rollout the same way (``stage`` ``val``, ``test`` or ``predict``). The callback
+samples and scores, nothing else: advantages and log-probs are the objective's business.
 """
 
 from __future__ import annotations
@@ -68,7 +67,8 @@ class RolloutCallback(L.Callback):
             conversational_completions: Give reward functions each completion as TRL does for chat data,
                 ``[{"role": "assistant", "content": text}]``, not its text (the built-in rewards read both).
             engine: What generates: ``{class_path: lightning_vlm.rollout.HFEngine}`` (the default:
-                Hugging Face generation on the trainer's model, prompt once and vision once).
+                Hugging Face generation on the trainer's model, prompt once and vision once), or
+                ``lightning_vlm.rollout.VLLMEngine`` (vLLM, synced after every rollout's updates).
             eval_max_new_tokens: Tokens generated per held-out prompt (greedy); default: ``max_new_tokens``.
             eval_sampling: Held-out prompts also get ``num_generations`` samples each, seeded by the
                 batch index so every check sees the same draw (logged as ``val/score`` and ``val/kl``).
@@ -101,13 +101,9 @@ class RolloutCallback(L.Callback):
             raise ValueError(
                 f"rollout: {len(self.rewards)} reward functions but {len(reward_weights)} reward_weights"
             )
-        self.per_prompt_seeds = per_prompt_seeds
-        self.dynamic_sampling = dynamic_sampling
-        self.max_refills = max_refills
-        self.table_every_n_steps = table_every_n_steps
-        self.table_rows = table_rows
-        self.rollouts = 0
-        self.seed = seed
+        self.per_prompt_seeds, self.dynamic_sampling = per_prompt_seeds, dynamic_sampling
+        self.max_refills, self.table_rows = max_refills, table_rows
+        self.table_every_n_steps, self.rollouts, self.seed = table_every_n_steps, 0, seed
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -190,9 +186,8 @@ class RolloutCallback(L.Callback):
             row_seeds = [_hash(f"{key}-{row}-{k}") for row in batch["rows"] for k in range(G)]
         if sampling.do_sample:
             seed = self._seed(pl_module.global_rank, draw) if seed is None else seed
-        request = GenerationRequest(
-            ids, mask, vision, G, sampling, features, seed, row_seeds, batch.get("images"), list(batch["rows"])
-        )
+        images, rows = batch.get("images"), list(batch["rows"])  # raw images: for engines that process them
+        request = GenerationRequest(ids, mask, vision, G, sampling, features, seed, row_seeds, images, rows)
         out = self.engine.generate(request)
         completions = out.completion_ids
         cmask, truncated = completion_mask(completions, bb.tokenizer.eos_token_id)

@@ -23,14 +23,13 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_vlm.model.generation import _vision_token_ids
 from lightning_vlm.rollout.engines import Generation, GenerationRequest, RolloutEngine
+from lightning_vlm.rollout.weight_sync import changed_weights
 
 
 class VLLMEngine(RolloutEngine):
@@ -63,7 +62,8 @@ class VLLMEngine(RolloutEngine):
             enforce_eager: No CUDA graphs (saves start-up time and memory on small runs).
             engine_kwargs: Anything else for ``vllm.LLM`` (overrides the above).
         """
-        self.settings = dict(
+        self.max_images = max_images_per_prompt
+        self.settings: dict[str, Any] = dict(
             dtype=dtype,
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": max_images_per_prompt},
@@ -159,7 +159,7 @@ class VLLMEngine(RolloutEngine):
                     f"{len(row_images)} image(s) came with it"
                     + ("" if images is not None else " (the request carries no raw images)")
                 )
-            limit = self.settings["limit_mm_per_prompt"]["image"]
+            limit = self.max_images
             if len(row_images) > limit:
                 raise ValueError(
                     f"{_row(request, i)}: {len(row_images)} images, more than the engine's "
@@ -181,7 +181,7 @@ class VLLMEngine(RolloutEngine):
         start = time.perf_counter()
         if self.sleep:
             self.llm.wake_up()
-        weights = list(_weights(backbone.model, everything))
+        weights = list(changed_weights(backbone.model, everything))
         # Layers left out (frozen) keep their weights; vLLM warns about each of them: quiet.
         quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         level = quiet.level
@@ -241,63 +241,6 @@ def _build(backbone, settings: dict[str, Any], sleep: bool, extra: dict[str, Any
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
     return llm
-
-
-def _weights(model: nn.Module, everything: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, full tensor) to reload: every parameter, or those of each block (a module whose
-    children are all leaves, e.g. an attention or MLP block) or leaf module that holds a trained
-    parameter. A LoRA-adapted layer goes as its merged weight ``W + scale * B @ A``, computed aside:
-    merging in place and back would leave rounding drift in the trainer's base weights."""
-    from peft.tuners.lora import LoraLayer
-
-    deltas = {
-        _checkpoint_name(f"{name}.base_layer.weight"): sum(m.get_delta_weight(a) for a in m.active_adapters)
-        for name, m in model.named_modules()
-        if isinstance(m, LoraLayer) and not m.merged
-    }
-    chosen = _chosen_modules(model, everything)
-    for module_name, module in model.named_modules():
-        if module_name not in chosen:
-            continue
-        for name, p in module.named_parameters():
-            if "lora_" in name:
-                continue
-            full = _checkpoint_name(f"{module_name}.{name}" if module_name else name)
-            tensor = _full(p).detach()
-            yield full, (tensor + _full(deltas[full]).to(tensor.dtype) if full in deltas else tensor)
-
-
-def _chosen_modules(model: nn.Module, everything: bool) -> set[str]:
-    if everything:
-        return {""}
-    from peft.tuners.lora import LoraLayer
-
-    def is_layer(m: nn.Module) -> bool:  # a leaf, or a LoRA-wrapped leaf
-        return isinstance(m, LoraLayer) or not list(m.children())
-
-    names: set[str] = set()
-    modules = dict(model.named_modules())
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        owner = name.rsplit(".", 1)[0].split(".lora_")[0]  # an adapter's: the layer it adapts
-        owner = owner.removesuffix(".base_layer")
-        parent = owner.rsplit(".", 1)[0] if "." in owner else ""
-        block = modules.get(parent)
-        is_block = parent and block is not None and all(is_layer(c) for c in block.children())
-        names.add(parent if is_block else owner)
-    # A chosen block contains its chosen layers: keep only the outermost names.
-    return {n for n in names if not any(n.startswith(o + ".") for o in names if o != n)}
-
-
-def _checkpoint_name(name: str) -> str:
-    """The Hugging Face checkpoint name of a (possibly peft-wrapped) parameter."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-
-
-def _full(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 shard (a DTensor), or the tensor itself."""
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _image_token_id(config) -> int | None:
