@@ -14,7 +14,7 @@ out of completions (as the Hugging Face engine does), i.e. the distribution the 
 
 Weights. ``sync_weights`` reloads the tensors that training can change (the trained parameters, or the
 LoRA-merged weights of the adapted layers), each with the rest of its layer block so that vLLM's fused
-layers (q/k/v, gate/up) get whole; full weights once at set-up. FSDP2 shards are gathered first.
+layers (q/k/v, gate/up) get whole (``lightning_vlm.rollout.weight_sync``); FSDP2 shards are gathered first.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ class VLLMEngine(RolloutEngine):
             kv_cache_gib: KV cache space on the CPU, in GiB (vLLM's own default takes most of the RAM).
             gpu_memory_utilization: The engine's share of GPU memory (weights and KV cache); the rest
                 is the trainer's.
-            sleep_between_rollouts: On a GPU, release the KV cache between rollouts (vLLM sleep mode,
-                level 1) so training has the memory back; costs a wake-up per rollout.
+            sleep_between_rollouts: On a GPU, vLLM's sleep mode (level 1) between rollouts: the KV cache
+                is dropped and the weights wait in host RAM, so training has the GPU memory back; costs
+                a wake-up per rollout and sync. Ignored on the CPU.
             enforce_eager: No CUDA graphs (saves start-up time and memory on small runs).
             engine_kwargs: Anything else for ``vllm.LLM`` (overrides the above).
         """
@@ -81,12 +82,17 @@ class VLLMEngine(RolloutEngine):
     def setup(self, backbone) -> None:
         if self.llm is not None and self.backbone is backbone:
             return
+        # The engine loads the model folder; what can differ from it is what trained (a resumed run), an
+        # adapter merged at load, or everything when an engine built for another backbone is reused.
+        everything = bool(backbone.adapter) or self.llm is not None
         if self.llm is None or self.backbone.path != backbone.path:  # one engine per model folder
             self.llm = _build(backbone, self.settings, self.sleep, self.engine_kwargs)
+            everything = bool(backbone.adapter)
         self.backbone = backbone
+        self.sleep = self.sleep and torch.cuda.is_available()
         self._suppress = {t: -100.0 for t in _vision_token_ids(backbone.model)}  # vLLM's floor
         self._image_token = _image_token_id(backbone.hf_config)
-        self.sync_weights(backbone, everything=True)  # a resumed run, an adapter merged at load
+        self.sync_weights(backbone, everything=everything)
         if self.sleep:
             self.llm.sleep(level=1)
 
@@ -231,12 +237,21 @@ def _build(backbone, settings: dict[str, Any], sleep: bool, extra: dict[str, Any
         kwargs.update(gpu_memory_utilization=settings["gpu_memory_utilization"], enable_sleep_mode=sleep)
     else:
         kwargs.update(kv_cache_memory_bytes=int(settings["kv_cache_gib"] * 2**30))
+    text = backbone.hf_config.get_text_config()
+    if backbone.hf_config.model_type == "qwen3_vl_moe" and not hasattr(text, "norm_topk_prob"):
+        # transformers 5 dropped the field (its Qwen3-VL-MoE always renormalises the top-k); vLLM reads it.
+        kwargs["hf_overrides"] = {"text_config": {"norm_topk_prob": True}}
     kwargs.update(extra)
     # vLLM's CPU worker sets torch to one thread and disables torch.set_num_threads for the process:
     # colocated, that would be the trainer's too, so both are put back.
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
     try:
         llm = vllm.LLM(**kwargs)
+    except Exception as err:
+        raise ValueError(
+            f"rollout.engine VLLMEngine: vLLM {vllm.__version__} could not load {backbone.path} (model family "
+            f"{backbone.hf_config.model_type!r}): {err}"
+        ) from err
     finally:
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)

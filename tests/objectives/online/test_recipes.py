@@ -84,7 +84,7 @@ def test_typo_in_the_rollout_callback_fails_at_parse_time(tmp_path, synthetic_di
 )
 def test_real_online_recipes_instantiate_against_a_saved_tiny_folder(recipe, family, tmp_path, synthetic_dir):
     from lightning_vlm.model.moe import moe_layout
-    from lightning_vlm.rollout import RolloutCallback
+    from lightning_vlm.rollout import RolloutCallback, VLLMEngine
     from lightning_vlm.rollout.rewards import OverlongPenalty, accuracy, think_format
 
     folder = ensure_tiny_vlm(TinyVLM(family=family))
@@ -109,6 +109,7 @@ def test_real_online_recipes_instantiate_against_a_saved_tiny_folder(recipe, fam
     h, loop = cli.model.hparams, cli.model.settings
     if "gspo" in recipe:
         assert (h.eps_low, h.eps_high, h.beta, loop.mini_batches) == (3e-4, 4e-4, 0.0, 4)
+        assert isinstance(rollout.engine, VLLMEngine) and rollout.engine.sleep  # vLLM on a GPU
     else:
         assert (h.eps_high, h.norm) == (0.28, "dapo") and rollout.dynamic_sampling
     assert "<answer>" in cli.datamodule.system_prompt
