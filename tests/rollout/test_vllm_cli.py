@@ -123,3 +123,42 @@ def test_an_interrupted_run_resumes_with_the_same_samples(tmp_path, synthetic_di
     for k, (got, want) in enumerate(zip(first + resumed, full, strict=True)):
         assert torch.equal(got, want), f"rollout {k}"
     assert not torch.equal(full[0], full[2])  # the samples follow the updated weights and the rollout seed
+
+
+def test_ddp_on_two_processes_gives_each_rank_its_own_engine(tmp_path, synthetic_dir):
+    """`lightning-vlm fit` with configs/ddp_cpu.yaml: two processes, each with its vLLM engine, sampling
+    its own prompts; DDP's gradient averaging keeps the ranks' weights equal, and they trained."""
+    import subprocess
+    import sys
+
+    override = {
+        "report_held_out": False,
+        "trainer": {"max_steps": 2, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path), "num_sanity_val_steps": 0,
+                    "callbacks": [{"class_path": "lightning_vlm.rollout.RolloutCallback",
+                                   "init_args": {"num_generations": 4, "max_new_tokens": 4, "table_every_n_steps": 0,
+                                                 "rewards": ["tests.helpers.online.token_reward"], "engine": ENGINE}},
+                                  {"class_path": "tests.helpers.rank_weights.SaveRankWeights",
+                                   "init_args": {"folder": str(tmp_path / "weights")}}]},
+        "model": {"init_args": TINY},
+        "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "prompt_train.jsonl"), "val": None,
+                               "batch_size": 2, "num_workers": 0}},
+    }  # fmt: skip
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(override))
+    cli = Path(sys.executable).parent / "lightning-vlm"
+    done = subprocess.run([str(cli), "fit", "--config", str(ROOT / "zoo" / "tiny_qwen2vl_gspo_vllm.yaml"),
+                           "--config", str(ROOT / "configs" / "ddp_cpu.yaml"), "--config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("init engine") + done.stderr.count("init engine") == 2  # one engine per rank
+    ranks = [torch.load(tmp_path / "weights" / f"rank{r}.pt") for r in (0, 1)]
+    from lightning_vlm import BackboneConfig, TinyVLM
+    from lightning_vlm.objectives import GSPO
+
+    start = GSPO(BackboneConfig(tiny=TinyVLM()))
+    start.configure_model()
+    initial = dict(start.named_parameters())
+    assert ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
+    assert any(not torch.equal(ranks[0][n], initial[n]) for n in ranks[0])

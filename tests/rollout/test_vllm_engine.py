@@ -178,3 +178,19 @@ def test_other_qwen_families_give_the_hf_engines_greedy_completions(family, synt
     batch = batch_of(prompt_dm(module.backbone.processor, synthetic_dir))
     engine = VLLMEngine(enforce_eager=True, max_model_len=512)
     assert torch.equal(greedy(engine, module, batch), hf_greedy(module, batch))
+
+
+def test_a_rollout_larger_than_one_scheduler_step_samples_seeded(engine, dm):
+    """32 prompts x G 4 prompt tokens exceed vLLM's per-step token budget: with chunked prefill the CPU
+    build failed here on seeded requests (it rewinds a generator offset only CUDA generators have)."""
+    module = sharp()
+    bind(engine, module)
+    ds = dm.datasets["train"]
+    from lightning_vlm.data.prompt import PromptCollator
+
+    batch = PromptCollator(dm.processor)([ds[i % len(ds)] for i in range(32)])
+    assert batch["attention_mask"].sum() * 4 > 4096
+    sampling = SamplingSettings(max_new_tokens=2)
+    out = engine.generate(request(batch, 4, sampling, seed=1))
+    assert out.completion_ids.shape[0] == 128
+    assert torch.equal(out.completion_ids, engine.generate(request(batch, 4, sampling, seed=1)).completion_ids)
