@@ -125,9 +125,11 @@ def test_an_interrupted_run_resumes_with_the_same_samples(tmp_path, synthetic_di
     assert not torch.equal(full[0], full[2])  # the samples follow the updated weights and the rollout seed
 
 
-def test_ddp_on_two_processes_gives_each_rank_its_own_engine(tmp_path, synthetic_dir):
-    """`lightning-vlm fit` with configs/ddp_cpu.yaml: two processes, each with its vLLM engine, sampling
-    its own prompts; DDP's gradient averaging keeps the ranks' weights equal, and they trained."""
+@pytest.mark.parametrize("strategy", ["ddp_cpu", "fsdp_cpu"])
+def test_two_processes_give_each_rank_its_own_engine(strategy, tmp_path, synthetic_dir):
+    """`lightning-vlm fit` with configs/ddp_cpu.yaml or fsdp_cpu.yaml: two processes, each with its vLLM
+    engine, sampling its own prompts; the ranks' weights stay equal and train, and after the first update
+    (synced: whole tensors gathered from the FSDP2 shards) each engine samples from the trainer's weights."""
     import subprocess
     import sys
 
@@ -140,7 +142,7 @@ def test_ddp_on_two_processes_gives_each_rank_its_own_engine(tmp_path, synthetic
                                                  "rewards": ["tests.helpers.online.token_reward"], "engine": ENGINE}},
                                   {"class_path": "tests.helpers.rank_weights.SaveRankWeights",
                                    "init_args": {"folder": str(tmp_path / "weights")}}]},
-        "model": {"init_args": TINY},
+        "model": {"init_args": {**TINY, "lr": 0.02, "warmup_steps": 0}},  # a large first step: a stale engine shows
         "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "prompt_train.jsonl"), "val": None,
                                "batch_size": 2, "num_workers": 0}},
     }  # fmt: skip
@@ -148,7 +150,7 @@ def test_ddp_on_two_processes_gives_each_rank_its_own_engine(tmp_path, synthetic
     path.write_text(yaml.safe_dump(override))
     cli = Path(sys.executable).parent / "lightning-vlm"
     done = subprocess.run([str(cli), "fit", "--config", str(ROOT / "zoo" / "tiny_qwen2vl_gspo_vllm.yaml"),
-                           "--config", str(ROOT / "configs" / "ddp_cpu.yaml"), "--config", str(path)],
+                           "--config", str(ROOT / "configs" / f"{strategy}.yaml"), "--config", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("init engine") + done.stderr.count("init engine") == 2  # one engine per rank
@@ -159,6 +161,8 @@ def test_ddp_on_two_processes_gives_each_rank_its_own_engine(tmp_path, synthetic
     start = GSPO(BackboneConfig(tiny=TinyVLM()))
     start.configure_model()
     initial = dict(start.named_parameters())
+    gaps = [float(r.pop("rollout/logp_gap")) for r in ranks]
+    assert all(g < 0.05 for g in gaps), gaps  # after a sync; an engine left stale gave 0.26-0.29 here
     assert ranks[0].keys() == ranks[1].keys()
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
     assert any(not torch.equal(ranks[0][n], initial[n]) for n in ranks[0])
