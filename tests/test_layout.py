@@ -28,9 +28,9 @@ LAYERS = {
 # data/loaders.py; the JSON reading and the loaders moved there from rows.py and base.py).
 # Truncated importance sampling for a sampler that is not the trainer (issue 13): +61 in losses/, +26 in the
 # loop, its settings and the four objectives.
-# The vLLM rollout engine (issue 13): +365 (rollout/vllm_engine.py 283, rollout/weight_sync.py 76, the request's
+# The vLLM rollout engine (issue 13): +366 (rollout/vllm_engine.py 284, rollout/weight_sync.py 76, the request's
 # raw images and rows, the sync's timing).
-MAX_LINES, MAX_TOTAL = 300, 7315
+MAX_LINES, MAX_TOTAL = 300, 7316
 
 
 def _modules() -> dict[str, Path]:

@@ -236,7 +236,8 @@ def _build(backbone, settings: dict[str, Any], sleep: bool, extra: dict[str, Any
     if torch.cuda.is_available():
         kwargs.update(gpu_memory_utilization=settings["gpu_memory_utilization"], enable_sleep_mode=sleep)
     else:  # a prompt split over scheduler steps fails with seeded sampling on the CPU (vLLM 0.32): no splits
-        kwargs.update(kv_cache_memory_bytes=int(settings["kv_cache_gib"] * 2**30), enable_chunked_prefill=False)
+        kwargs.update(kv_cache_memory_bytes=int(settings["kv_cache_gib"] * 2**30))
+        kwargs.update(enable_chunked_prefill=False)
     text = backbone.hf_config.get_text_config()
     if backbone.hf_config.model_type == "qwen3_vl_moe" and not hasattr(text, "norm_topk_prob"):
         # transformers 5 dropped the field (its Qwen3-VL-MoE always renormalises the top-k); vLLM reads it.

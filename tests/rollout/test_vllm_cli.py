@@ -54,11 +54,15 @@ TINY = {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}}
         ("PPO", "tiny_qwen2vl_ppo.yaml", {"loop": {"num_iterations": 1, "mini_batches": 2}}),
     ],
 )
-def test_online_objectives_train_through_the_vllm_engine(objective, recipe, extra, tmp_path, synthetic_dir, rm_folder):
+def test_online_objectives_train_through_the_vllm_engine(
+    objective, recipe, extra, tmp_path, synthetic_dir, rm_folder
+):
     from lightning_vlm.rollout import RolloutCallback, VLLMEngine
 
     init = {**TINY, **extra}
-    rollout: dict = {"rewards": ["lightning_vlm.rollout.rewards.accuracy", "tests.helpers.online.token_reward"]}
+    rollout: dict = {
+        "rewards": ["lightning_vlm.rollout.rewards.accuracy", "tests.helpers.online.token_reward"]
+    }
     if objective == "PPO":
         init["critic"] = {"model_name_or_path": str(rm_folder)}
         rollout = {"rewards": [{"class_path": "lightning_vlm.objectives.RewardModelReward",
@@ -118,7 +122,9 @@ def _fit(tmp: Path, synthetic_dir: Path, max_steps: int, ckpt_path=None):
 def test_an_interrupted_run_resumes_with_the_same_samples(tmp_path, synthetic_dir):
     full = _fit(tmp_path / "full", synthetic_dir, max_steps=6)  # 3 rollouts x 2 optimiser steps
     first = _fit(tmp_path / "cut", synthetic_dir, max_steps=2)
-    resumed = _fit(tmp_path / "cut", synthetic_dir, max_steps=6, ckpt_path=tmp_path / "cut" / "ckpt" / "last.ckpt")
+    resumed = _fit(
+        tmp_path / "cut", synthetic_dir, max_steps=6, ckpt_path=tmp_path / "cut" / "ckpt" / "last.ckpt"
+    )
     assert len(full) == 3 and len(first) == 1 and len(resumed) == 2
     for k, (got, want) in enumerate(zip(first + resumed, full, strict=True)):
         assert torch.equal(got, want), f"rollout {k}"

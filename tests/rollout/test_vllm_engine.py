@@ -89,8 +89,12 @@ def test_sampled_log_probs_equal_the_trainers(engine, dm):
     sampling = SamplingSettings(max_new_tokens=NEW, temperature=0.7)
     G = 3
     out = engine.generate(request(batch, G, sampling, seed=5))
-    assert torch.equal(out.completion_ids, engine.generate(request(batch, G, sampling, seed=5)).completion_ids)
-    assert not torch.equal(out.completion_ids, engine.generate(request(batch, G, sampling, seed=6)).completion_ids)
+    assert torch.equal(
+        out.completion_ids, engine.generate(request(batch, G, sampling, seed=5)).completion_ids
+    )
+    assert not torch.equal(
+        out.completion_ids, engine.generate(request(batch, G, sampling, seed=6)).completion_ids
+    )
     banned = engine._suppress
     model, eos = module.backbone.model, module.backbone.tokenizer.eos_token_id
     for i in range(len(batch["rows"])):
@@ -103,7 +107,11 @@ def test_sampled_log_probs_equal_the_trainers(engine, dm):
             ids = out.completion_ids[i * G + k]
             n = int((ids == eos).nonzero()[0]) + 1 if (ids == eos).any() else len(ids)
             full = torch.cat([prompt, ids[None, :n]], 1)
-            logits = model(input_ids=full, attention_mask=torch.ones_like(full), **_extend(vision, tuple(prompt.shape), n)).logits
+            logits = model(
+                input_ids=full,
+                attention_mask=torch.ones_like(full),
+                **_extend(vision, tuple(prompt.shape), n),
+            ).logits
             logits = logits[0, prompt.shape[1] - 1 : -1].float() / sampling.temperature
             logits[:, list(banned)] = -float("inf")
             want = logits.log_softmax(-1).gather(-1, ids[:n, None]).squeeze(-1)
@@ -126,7 +134,11 @@ def _vision_of(batch, i, images, keep) -> dict:
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"vision": "train"}, {"lora": LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])}],
+    [
+        {},
+        {"vision": "train"},
+        {"lora": LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])},
+    ],
     ids=["full-frozen-vision", "full-trained-vision", "lora-q-v"],
 )
 @torch.no_grad()
@@ -138,7 +150,11 @@ def test_after_an_update_the_engine_samples_from_the_new_weights(engine, dm, set
     g = torch.Generator().manual_seed(0)
     trained = [(n, p) for n, p in module.backbone.model.named_parameters() if p.requires_grad]
     for _, p in trained:
-        p.add_(torch.randn(p.shape, generator=g) * (0.5 if "lora_B" in _ else 0.05) * p.abs().mean().clamp(min=0.1))
+        p.add_(
+            torch.randn(p.shape, generator=g)
+            * (0.5 if "lora_B" in _ else 0.05)
+            * p.abs().mean().clamp(min=0.1)
+        )
     assert any("visual" in n for n, _ in trained) == ("vision" in settings)
     stale = engine.generate(request(batch)).completion_ids
     engine.sync_weights(module.backbone)
@@ -160,7 +176,9 @@ def test_placeholders_and_images_that_disagree_name_the_row(engine, dm):
                                           greedy, images=images, rows=batch["rows"]))  # fmt: skip
     small = VLLMEngine(max_images_per_prompt=1)
     small.llm, small.backbone, small._image_token = engine.llm, engine.backbone, engine._image_token
-    with pytest.raises(ValueError, match=f"row {batch['rows'][1]}: 2 images, more than the engine's max_images"):
+    with pytest.raises(
+        ValueError, match=f"row {batch['rows'][1]}: 2 images, more than the engine's max_images"
+    ):
         small.generate(request(batch))
 
 
@@ -193,4 +211,6 @@ def test_a_rollout_larger_than_one_scheduler_step_samples_seeded(engine, dm):
     sampling = SamplingSettings(max_new_tokens=2)
     out = engine.generate(request(batch, 4, sampling, seed=1))
     assert out.completion_ids.shape[0] == 128
-    assert torch.equal(out.completion_ids, engine.generate(request(batch, 4, sampling, seed=1)).completion_ids)
+    assert torch.equal(
+        out.completion_ids, engine.generate(request(batch, 4, sampling, seed=1)).completion_ids
+    )
