@@ -3,12 +3,14 @@
 For each model size, both engines complete the same prompt batch (synthetic image questions, one or two
 images each): G samples per prompt, exactly ``--tokens`` new tokens (min = max new tokens), temperature 1,
 fp32. Each engine first completes a two-prompt warm-up batch; then ``--repeats`` timed rollouts run,
-alternating engines, and the medians are compared. The vLLM engine's start-up and one weight sync
-(every trainable tensor of a full fine-tune, the language model's) are timed too. Run it in the vLLM
+alternating engines, and the medians are compared. The vLLM engine's start-up and one weight sync are
+timed too: every trained tensor of a full fine-tune (the language model's), and the merged weights of a
+LoRA r16 on every linear layer of the language model. Run it in the vLLM
 environment (``.ci/vllm-venv``):
 
     .venv-vllm/bin/python benchmarks/rollout_engines.py                          # tiny and large
     .venv-vllm/bin/python benchmarks/rollout_engines.py --sizes tiny --prompts 8 --tokens 16
+    .venv-vllm/bin/python benchmarks/rollout_engines.py --repeats 0                 # start-up and syncs only
 
 ``large`` is a random-initialised Qwen2-VL with hidden size 1024 and 8 layers (about 0.1B parameters
 in its language model); the figures are in docs/online_rl.md.
@@ -23,7 +25,7 @@ import time
 
 import torch
 
-from lightning_vlm import BackboneConfig, TinyVLM
+from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM
 from lightning_vlm.data import PromptDataModule
 from lightning_vlm.data.prompt import PromptCollator
 from lightning_vlm.data.synthetic import write_synthetic
@@ -78,14 +80,23 @@ def run(name: str, spec: TinyVLM, args, data: str) -> None:
     start = time.perf_counter()
     vllm.sync_weights(module.backbone)
     sync = time.perf_counter() - start
+    lora = GRPO(BackboneConfig(tiny=spec, lora=LoraSettings(r=16, alpha=32)))  # all-linear LoRA, merged
+    lora.configure_model()
+    vllm.setup(lora.backbone)
+    start = time.perf_counter()
+    vllm.sync_weights(lora.backbone)
+    lora_sync = time.perf_counter() - start
+    print(f"{name}: weight sync, full fine-tuning (all trained tensors) {sync:.2f} s, LoRA r16 all-linear "
+          f"(merged weights of the adapted blocks) {lora_sync:.2f} s; vLLM start-up {startup:.1f} s")
+    if not args.repeats:
+        return
     hf_s, vllm_s = statistics.median(times["hf"]), statistics.median(times["vllm"])
     tokens = args.prompts * args.G * args.tokens
     print(f"{name}: {params / 1e6:.1f}M parameters, {args.prompts} prompts x G {args.G} x {args.tokens} tokens, "
           f"{torch.get_num_threads()} threads, {args.repeats} rollouts each")  # fmt: skip
     print(f"  HF    {hf_s:8.2f} s/rollout  {tokens / hf_s:8.0f} tokens/s  (all: {[round(t, 2) for t in times['hf']]})")
     print(f"  vLLM  {vllm_s:8.2f} s/rollout  {tokens / vllm_s:8.0f} tokens/s  (all: {[round(t, 2) for t in times['vllm']]})")
-    print(f"  vLLM / HF time: {vllm_s / hf_s:.2f}  (HF / vLLM: x{hf_s / vllm_s:.2f}); "
-          f"vLLM start-up {startup:.1f} s, weight sync (trainable tensors) {sync:.2f} s")
+    print(f"  vLLM / HF time: {vllm_s / hf_s:.2f}  (HF / vLLM: x{hf_s / vllm_s:.2f})")
 
 
 def main() -> None:
