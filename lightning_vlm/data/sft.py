@@ -20,21 +20,21 @@ from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image
 CONSUMED = ("messages", "prompt", "completion", "images")  # the rest goes to batch["columns"]
 
 
-def sft_messages(row: dict) -> tuple[list[dict], int]:
+def sft_messages(row: dict) -> tuple[Any, int]:
     """The row as chat messages, and the index of the first one that carries loss: 0 for a chat row
     (every assistant turn), the completion's first for a prompt-completion row (the prompt is context)."""
-    i = row[ROW]
-    if row.get("messages") is not None:
-        if row.get("completion") is not None:
-            raise BadRowError(f"row {i}: has both 'messages' and 'completion'; give one of the two formats")
-        return row["messages"], 0
-    for field in ("prompt", "completion"):
-        if row.get(field) is None:
-            raise BadRowError(
-                f"row {i}: field {field!r} is missing: a row holds 'messages', or 'prompt' and 'completion'"
-            )
-    prompt = prompt_messages(row["prompt"], len(as_list(row.get("images"))), i)
-    return prompt + response_messages(row["completion"], i, "completion"), len(prompt)
+    i, (messages, prompt, completion) = row[ROW], (row.get(k) for k in ("messages", "prompt", "completion"))
+    if messages is not None and completion is not None:
+        raise BadRowError(f"row {i}: has both 'messages' and 'completion'; give one of the two formats")
+    if messages is not None or (prompt is None and completion is None):
+        return messages, 0  # a missing or bad one is named by the checks of messages
+    if prompt is None or completion is None:
+        field = "prompt" if prompt is None else "completion"
+        raise BadRowError(
+            f"row {i}: field {field!r} is missing: a row holds 'messages', or 'prompt' and 'completion'"
+        )
+    prompt = prompt_messages(prompt, len(as_list(row.get("images"))), i)
+    return prompt + response_messages(completion, i, "completion"), len(prompt)
 
 
 def strip_final_answer(messages: list[dict]) -> tuple[list[dict], str]:
