@@ -51,7 +51,8 @@ class SFTCollator:
     Args:
         processor: The backbone's processor (left padding).
         with_prompts: Also encode each conversation minus its last reply, left-padded for
-            generation, with the reference reply in ``answers``.
+            generation, with the reference reply in ``answers`` (and, for the samples table, the
+            prompts as messages in ``prompts`` and each row's images in ``images``).
     """
 
     def __init__(self, processor, with_prompts: bool = False):
@@ -59,7 +60,7 @@ class SFTCollator:
         self.with_prompts = with_prompts
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        texts, spans, images, counts, conversations = [], [], [], [], []
+        texts, spans, images, counts, conversations, per_row = [], [], [], [], [], []
         for r in rows:
             messages, first = sft_messages(r)
             field = "messages" if first == 0 else "completion"
@@ -70,6 +71,7 @@ class SFTCollator:
             row_images = [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
             counts.append(image_token_counts(self.processor, row_images))
             images += row_images
+            per_row.append(row_images)
         blocks = [texts]
         if self.with_prompts:  # a second block with the same images: they are processed once for both
             prompts, answers = zip(*(strip_final_answer(m) for m in conversations), strict=True)
@@ -81,6 +83,7 @@ class SFTCollator:
         batch["columns"] = other_columns(rows, CONSUMED)
         if self.with_prompts:
             batch["prompt"], batch["answers"] = prompt[0], list(answers)
+            batch["prompts"], batch["images"] = list(prompts), per_row  # for the samples table
         return batch
 
 

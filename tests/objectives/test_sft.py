@@ -3,8 +3,12 @@ extra columns (a per-row weight) with no collator of its own."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning as L
 import torch
+from PIL import Image
 
 from lightning_vlm import BackboneConfig, TinyVLM
 from lightning_vlm.data import SFTDataModule
@@ -86,3 +90,41 @@ def test_prompt_completion_rows_train_sft_on_the_completion_only(tmp_path):
     want = ["red", "blue", "yes", "red"]
     assert labelled == [want[r] + END for r in batch["rows"]]  # no prompt token, not the prompt's "green"
     assert any(not torch.equal(before[n], p) for n, p in module.trainable_named_parameters().items())
+
+
+def test_validation_writes_a_samples_table(tmp_path, synthetic_dir):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_vlm.metrics import exact_match
+
+    torch.manual_seed(0)
+    module = SFT(BackboneConfig(tiny=TinyVLM()), eval_max_new_tokens=4, table_rows=5)
+    val = synthetic_dir / "sft_val.jsonl"
+    dm = SFTDataModule(
+        train=str(synthetic_dir / "sft_train.jsonl"), val=str(val), batch_size=4, eval_batch_size=3
+    )
+    logger = WandbLogger(project="sft-table", save_dir=str(tmp_path), offline=True)
+    trainer = L.Trainer(max_steps=2, val_check_interval=1, limit_val_batches=3, accelerator="cpu", logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=1)  # fmt: skip
+    trainer.fit(module, dm)
+    import wandb
+
+    wandb.finish()
+    records = [json.loads(line) for line in (tmp_path / "val_samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["row"]) for r in records] == [
+        (s, k) for s in (1, 2) for k in range(5)
+    ]  # no sanity run
+    rows = [json.loads(line) for line in val.read_text().splitlines()]
+    for rec in records:
+        row = rows[rec["row"]]
+        assert rec["prompt"] == row["messages"][-2]["content"][-1]["text"]
+        assert rec["reference"] == row["messages"][-1]["content"][0]["text"]
+        assert rec["accuracy"] == float(exact_match(rec["answer"], rec["reference"]))
+        assert len(rec["images"]) == len(row["images"]) >= 1
+        for path, ref in zip(rec["images"], row["images"], strict=True):
+            saved = Image.open(path).convert("RGB")
+            assert saved.tobytes() == Image.open(synthetic_dir / ref).convert("RGB").tobytes()
+            assert Path(path).parent == tmp_path / "samples"
+    tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/val/samples_*.table.json"))
+    assert len(tables) == 2  # one per validation
