@@ -30,7 +30,7 @@ LAYERS = {
 # loop, its settings and the four objectives.
 # The vLLM rollout engine (issue 13): +365 (rollout/vllm_engine.py 283, rollout/weight_sync.py 76, the request's
 # raw images and rows, the sync's timing).
-MAX_LINES, MAX_TOTAL = 300, 7426
+MAX_LINES, MAX_TOTAL = 300, 7425
 
 
 def _modules() -> dict[str, Path]:

@@ -91,9 +91,8 @@ class SFT(VLMObjective):
         records, self.tabled = self.tabled, []
         if self.trainer.sanity_checking or not self.hparams.table_rows:
             return
-        folder = Path(
-            self.trainer.log_dir or self.trainer.default_root_dir
-        )  # a collective: every rank calls it
+        # trainer.log_dir is a collective: every rank resolves it, rank 0 writes.
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
             for rec in records:
                 rec["images"] = save_images(folder, rec["images"], f"val_step{rec['step']}_row{rec['row']}")
