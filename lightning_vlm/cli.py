@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -177,6 +177,8 @@ class VLMCLI(LightningCLI):
         for logger in trainer.loggers:  # Lightning gives W&B anonymous=None, which W&B warns is deprecated
             if getattr(logger, "_wandb_init", {}).get("anonymous", 0) is None:
                 logger._wandb_init.pop("anonymous")
+        if not trainer.loggers:  # a recipe run with `--trainer.logger false`: no logger to show the lr in
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

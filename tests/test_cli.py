@@ -59,6 +59,19 @@ def test_every_zoo_recipe_parses(recipe, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("lightning_vlm.objectives.")
     assert printed["data"]["class_path"].startswith("lightning_vlm.data.")
+    monitors = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith(".LearningRateMonitor")]
+    assert [m["init_args"]["logging_interval"] for m in monitors] == ["step"]  # train/lr in every recipe
+
+
+def test_a_recipe_without_its_logger_drops_the_lr_monitor(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    def monitors(*extra: str) -> int:
+        args = ["--config", str(TINY), "--trainer.default_root_dir", str(tmp_path), *extra]
+        return sum(isinstance(c, LearningRateMonitor) for c in VLMCLI(args=args, run=False).trainer.callbacks)
+
+    assert monitors("--trainer.logger.init_args.save_dir", str(tmp_path)) == 1
+    assert monitors("--trainer.logger", "false") == 0  # it would refuse to start: nothing to log into
 
 
 @pytest.mark.parametrize("fragment", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

@@ -30,7 +30,8 @@ LAYERS = {
 # loop, its settings and the four objectives.
 # The vLLM rollout engine (issue 13): +366 (rollout/vllm_engine.py 284, rollout/weight_sync.py 76, the request's
 # raw images and rows, the sync's timing).
-MAX_LINES, MAX_TOTAL = 300, 7316
+# SFT prompt-completion rows, extra columns in batches, grad norm, the SFT samples table (issue 14, items 7 and 9): +110.
+MAX_LINES, MAX_TOTAL = 300, 7426
 
 
 def _modules() -> dict[str, Path]:

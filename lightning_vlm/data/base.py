@@ -53,6 +53,7 @@ class VLMDataModule(L.LightningDataModule):
     """Base for the datamodules: subclasses give the required columns, a row check and collators."""
 
     required: tuple[str, ...] = ()
+    alternatives: dict[str, tuple[str, ...]] = {}  # a required column -> the columns that may replace it
     streams = True  # whether a source may be streamed
 
     def __init__(
@@ -144,7 +145,7 @@ class VLMDataModule(L.LightningDataModule):
 
     def load_split(self, source: str | dict):
         h, name = self.hparams, source_name(source)
-        ds = load_source(source, self.columns, self.required)
+        ds = load_source(source, self.columns, self.required, self.alternatives)
         self.skipped[name] = {}
         if not hasattr(ds, "__len__"):  # streamed: rows are checked as they arrive (StreamBatches)
             if not self.streams:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, open_image
+from lightning_vlm.data.rows import BASE, ROW, BadRowError
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 
@@ -48,6 +48,11 @@ def assistant_spans(
     if not spans:
         raise BadRowError(f"row {row}: field {field!r}: no assistant turn to learn from")
     return text, spans
+
+
+def other_columns(rows: list[dict], consumed: tuple[str, ...]) -> dict[str, list]:
+    """``{name: [value per row]}`` of every column a collator does not consume (per-row weights, labels)."""
+    return {k: [r.get(k) for r in rows] for k in rows[0] if k not in (*consumed, ROW, BASE)}
 
 
 def image_token_counts(processor, images: list) -> list[int] | None:
@@ -163,46 +168,3 @@ def encode_blocks(processor, blocks: list[list[str]], images: list) -> list[dict
         return [encode(processor, texts, images) for texts in blocks]
     finally:
         processor.image_processor = inner
-
-
-def strip_final_answer(messages: list[dict]) -> tuple[list[dict], str]:
-    """Split a conversation into the prompt (all but the last assistant turn) and that turn's text."""
-    content = messages[-1]["content"]
-    if isinstance(content, str):
-        return messages[:-1], content
-    return messages[:-1], "".join(p["text"] for p in content if p.get("type") == "text")
-
-
-class SFTCollator:
-    """Collate SFT rows: loss mask on assistant tokens, optional generation prompts for evaluation.
-
-    Args:
-        processor: The backbone's processor (left padding).
-        with_prompts: Also encode each conversation minus its last reply, left-padded for
-            generation, with the reference reply in ``answers``.
-    """
-
-    def __init__(self, processor, with_prompts: bool = False):
-        self.processor = processor
-        self.with_prompts = with_prompts
-
-    def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        texts, spans, images, counts = [], [], [], []
-        for r in rows:
-            text, sp = assistant_spans(self.processor, r["messages"], r[ROW])
-            texts.append(text)
-            spans.append(sp)
-            row_images = [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
-            counts.append(image_token_counts(self.processor, row_images))
-            images += row_images
-        blocks = [texts]
-        if self.with_prompts:  # a second block with the same images: they are processed once for both
-            prompts, answers = zip(*(strip_final_answer(r["messages"]) for r in rows), strict=True)
-            blocks.append([render(self.processor, p, add_generation_prompt=True) for p in prompts])
-        batch, *prompt = encode_blocks(self.processor, blocks, images)
-        ids = [r[ROW] for r in rows]
-        batch["labels_mask"] = label_masks(self.processor, batch, texts, spans, counts, ids)
-        batch["rows"] = ids
-        if self.with_prompts:
-            batch["prompt"], batch["answers"] = prompt[0], list(answers)
-        return batch

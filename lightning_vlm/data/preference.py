@@ -20,6 +20,7 @@ from lightning_vlm.data.collate import (
     encode_blocks,
     image_token_counts,
     label_masks,
+    other_columns,
     stack_blocks,
 )
 from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image_parts, open_image
@@ -120,6 +121,7 @@ class PreferenceCollator:
         batch["copies"] = 2 if self.vision_once else 1
         batch["rows"] = ids
         batch["split"] = self.split
+        batch["columns"] = other_columns(rows, ("images", "prompt", "chosen", "rejected", "margin"))
         if "margin" in rows[0]:
             batch["margin"] = [float(r["margin"]) for r in rows]
         return batch

@@ -13,11 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_vlm.data.base import VLMDataModule
-from lightning_vlm.data.collate import encode, render
+from lightning_vlm.data.collate import encode, other_columns, render
 from lightning_vlm.data.preference import prompt_messages
 from lightning_vlm.data.rows import BASE, ROW, as_list, open_image
-
-NOT_IN_COLUMNS = ("prompt", ROW, BASE)  # the prompt travels as `prompts`
 
 
 def _clean(messages: list[dict]) -> list[dict]:
@@ -62,7 +60,7 @@ class PromptCollator:
         texts = [render(self.processor, p, add_generation_prompt=True) for p in prompts]
         images = [[open_image(ref, r[BASE], r[ROW]) for ref in as_list(r.get("images"))] for r in rows]
         batch = encode(self.processor, texts, [im for row_images in images for im in row_images])
-        columns = {k: [r[k] for r in rows] for k in rows[0] if k not in NOT_IN_COLUMNS}
+        columns = other_columns(rows, ("prompt",))
         columns["images"] = images
         # Rewards get each row's own prompt: a reward model was trained without data.system_prompt.
         own = [row_prompt(r) for r in rows] if self.system_prompt else prompts

@@ -1,29 +1,113 @@
-"""Supervised fine-tuning data: chat conversations with images, loss on assistant tokens only."""
+"""Supervised fine-tuning data: chat conversations (or TRL's prompt-completion rows) with images, loss on
+the assistant's tokens only; every other column travels with the batch in ``columns``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning_vlm.data.base import VLMDataModule
-from lightning_vlm.data.collate import SFTCollator, render
-from lightning_vlm.data.rows import BadRowError, count_image_parts
+from lightning_vlm.data.collate import (
+    assistant_spans,
+    encode_blocks,
+    image_token_counts,
+    label_masks,
+    other_columns,
+    render,
+)
+from lightning_vlm.data.preference import prompt_messages, response_messages
+from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image_parts, open_image
+
+CONSUMED = ("messages", "prompt", "completion", "images")  # the rest goes to batch["columns"]
+
+
+def sft_messages(row: dict) -> tuple[Any, int]:
+    """The row as chat messages, and the index of the first one that carries loss: 0 for a chat row
+    (every assistant turn), the completion's first for a prompt-completion row (the prompt is context)."""
+    i, (messages, prompt, completion) = row[ROW], (row.get(k) for k in ("messages", "prompt", "completion"))
+    if messages is not None and completion is not None:
+        raise BadRowError(f"row {i}: has both 'messages' and 'completion'; give one of the two formats")
+    if messages is not None or (prompt is None and completion is None):
+        return messages, 0  # a missing or bad one is named by the checks of messages
+    if prompt is None or completion is None:
+        field = "prompt" if prompt is None else "completion"
+        raise BadRowError(
+            f"row {i}: field {field!r} is missing: a row holds 'messages', or 'prompt' and 'completion'"
+        )
+    prompt = prompt_messages(prompt, len(as_list(row.get("images"))), i)
+    return prompt + response_messages(completion, i, "completion"), len(prompt)
+
+
+def strip_final_answer(messages: list[dict]) -> tuple[list[dict], str]:
+    """Split a conversation into the prompt (all but the last assistant turn) and that turn's text."""
+    content = messages[-1]["content"]
+    if isinstance(content, str):
+        return messages[:-1], content
+    return messages[:-1], "".join(p["text"] for p in content if p.get("type") == "text")
+
+
+class SFTCollator:
+    """Collate SFT rows: loss mask on assistant tokens, optional generation prompts for evaluation.
+
+    Args:
+        processor: The backbone's processor (left padding).
+        with_prompts: Also encode each conversation minus its last reply, left-padded for
+            generation, with the reference reply in ``answers`` (and, for the samples table, the
+            prompts as messages in ``prompts`` and each row's images in ``images``).
+    """
+
+    def __init__(self, processor, with_prompts: bool = False):
+        self.processor = processor
+        self.with_prompts = with_prompts
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        texts, spans, images, counts, conversations, per_row = [], [], [], [], [], []
+        for r in rows:
+            messages, first = sft_messages(r)
+            field = "messages" if first == 0 else "completion"
+            text, sp = assistant_spans(self.processor, messages, r[ROW], first, field)
+            texts.append(text)
+            spans.append(sp)
+            conversations.append(messages)
+            row_images = [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
+            counts.append(image_token_counts(self.processor, row_images))
+            images += row_images
+            per_row.append(row_images)
+        blocks = [texts]
+        if self.with_prompts:  # a second block with the same images: they are processed once for both
+            prompts, answers = zip(*(strip_final_answer(m) for m in conversations), strict=True)
+            blocks.append([render(self.processor, p, add_generation_prompt=True) for p in prompts])
+        batch, *prompt = encode_blocks(self.processor, blocks, images)
+        ids = [r[ROW] for r in rows]
+        batch["labels_mask"] = label_masks(self.processor, batch, texts, spans, counts, ids)
+        batch["rows"] = ids
+        batch["columns"] = other_columns(rows, CONSUMED)
+        if self.with_prompts:
+            batch["prompt"], batch["answers"] = prompt[0], list(answers)
+            batch["prompts"], batch["images"] = list(prompts), per_row  # for the samples table
+        return batch
 
 
 class SFTDataModule(VLMDataModule):
-    """Rows ``{"images": [...], "messages": [...]}`` in the chat format (docs/data.md).
+    """Rows ``{"images": [...], "messages": [...]}`` in the chat format, or TRL's prompt-completion rows
+    ``{"images", "prompt", "completion"}`` (docs/data.md).
 
-    Images may appear in any user turn, several per row; the loss covers every assistant turn.
-    Validation batches also carry generation prompts (the conversation minus its last reply) so
-    the objective can report exact-match accuracy of the generated answer.
+    Images may appear in any user turn, several per row; the loss covers every assistant turn of a chat
+    row, and the completion of a prompt-completion row. Other columns (a per-row ``weight``, a label)
+    reach the objective in ``batch["columns"]``. Validation batches also carry generation prompts (the
+    conversation minus its last reply) so the objective can report exact-match accuracy.
     """
 
     required = ("messages", "images")
+    alternatives = {"messages": ("prompt", "completion")}  # TRL's prompt-completion format
 
     def _check_row(self, row: dict) -> int:
-        messages, i = row["messages"], row["__row"]
-        n_images = count_image_parts(messages, i, "messages")
+        messages, first = sft_messages(row)
+        i, field = row[ROW], "messages" if first == 0 else "prompt"
+        n_images = count_image_parts(messages, i, field)
         if messages[-1].get("role") != "assistant":
             raise BadRowError(f"row {i}: field 'messages': the last message must be the assistant's reply")
-        self.check_replies(messages, i, "messages")
-        images = self.images_of(row, n_images, "messages")
+        self.check_replies(messages[first:], i, "messages" if first == 0 else "completion")
+        images = self.images_of(row, n_images, field)
         return self.token_length(render(self.processor, messages), images)
 
     def _collator(self, split: str) -> SFTCollator:

@@ -132,9 +132,10 @@ def _saved(path: Path, name: str, split: str, streaming: bool):
     return ds.to_iterable_dataset() if streaming else ds
 
 
-def load_source(source: str | dict, columns: dict[str, str], required: tuple[str, ...]):
+def load_source(source: str | dict, columns: dict[str, str], required: tuple[str, ...], alternatives=None):
     """Open a source, rename its columns by ``columns`` (ours -> theirs, e.g. ``{"images": "image"}``)
-    and check that each required column exists. Returns a ``datasets.Dataset`` (an ``IterableDataset``
+    and check that each required column exists, or its alternative columns (``{"messages": ("prompt",
+    "completion")}``) do. Returns a ``datasets.Dataset`` (an ``IterableDataset``
     when streamed) with ``__row`` (the row's index; in a stream, its index in this reader's share) and
     ``__base`` (the folder that relative image paths are resolved against).
     """
@@ -153,8 +154,10 @@ def load_source(source: str | dict, columns: dict[str, str], required: tuple[str
     have = [renames.get(c, c) for c in have]
     ds = ds.rename_columns(renames) if renames else ds
     for col in required:
-        if col not in have:
+        instead = (alternatives or {}).get(col)
+        if col not in have and not (instead and all(c in have for c in instead)):
             hint = f"map it with data.columns, e.g. {{{col}: <their name>}}"
+            hint += f"; or give {' and '.join(map(repr, instead))}" if instead else ""
             raise KeyError(f"{name}: missing column {col!r} ({hint}); the columns are {have}")
     if streamed:
         return ds.map(partial(_numbered, base=base), with_indices=True)

@@ -185,6 +185,18 @@ class VLMObjective(L.LightningModule):
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(h.schedule, h.warmup_steps, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def grad_norm(self) -> torch.Tensor:
+        """The total 2-norm of the gradients (one fused norm; under FSDP2 over every shard)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # Lightning clips after this hook: train/grad_norm is the norm before clipping. The online loop
+        # clips by hand before its step, so it logs its own (objectives/online/loop.py).
+        if self.automatic_optimization:
+            self.log("train/grad_norm", self.grad_norm(), on_step=True, batch_size=1)
+
     # ------------------------------------------------------------------ checkpoints
     def on_train_start(self) -> None:
         # Resuming mid-epoch, Lightning warns that the loader "is not resumable" (it has no state_dict), but

@@ -9,6 +9,7 @@ generation term of MPO, which applies the same loss to the chosen response of a 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from lightning_vlm.losses import sft_loss
 from lightning_vlm.metrics import exact_match
 from lightning_vlm.model.backbone import BackboneConfig
 from lightning_vlm.objectives.base import VLMObjective
+from lightning_vlm.rollout.tables import prompt_text, save_images, write_table
 
 
 class SFT(VLMObjective):
@@ -25,16 +27,22 @@ class SFT(VLMObjective):
 
     disable_dropout = False  # dropout regularises maximum likelihood; nothing compares two forwards
 
-    def __init__(self, backbone: BackboneConfig, eval_max_new_tokens: int = 16, **kwargs: Any):
+    def __init__(
+        self, backbone: BackboneConfig, eval_max_new_tokens: int = 16, table_rows: int = 8, **kwargs: Any
+    ):
         """
         Args:
             backbone: The VLM to train.
             eval_max_new_tokens: Tokens generated per held-out answer (greedy) for ``val/accuracy``,
                 ``test/accuracy`` and ``predict``.
+            table_rows: Held-out rows per validation (rank 0's first) appended to ``val_samples.jsonl``
+                in the run folder (images under ``samples/``) and, with the WandbLogger, logged as the
+                W&B table ``val/samples``: prompt, image, generated answer, reference, exact match. 0: none.
             **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, optimizer, ...).
         """
         super().__init__(backbone, **kwargs)
         self.accuracy = MeanMetric()
+        self.tabled: list[dict] = []  # this validation's tabled rows
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         mask = batch["labels_mask"]  # (B, T)
@@ -59,7 +67,10 @@ class SFT(VLMObjective):
         loss, _ = self._loss(batch)
         bs = batch["input_ids"].shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
-        hits = [exact_match(a, r) for a, r in zip(self._answers(batch), batch["answers"], strict=True)]
+        answers = self._answers(batch)
+        hits = [exact_match(a, r) for a, r in zip(answers, batch["answers"], strict=True)]
+        if stage == "val":
+            self._table(batch, answers, hits)
         self.accuracy.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
         self.log(f"{stage}/accuracy", self.accuracy, prog_bar=True, batch_size=bs)
 
@@ -68,6 +79,24 @@ class SFT(VLMObjective):
         self.accuracy.reset()
 
     on_test_epoch_start = on_validation_epoch_start
+
+    def _table(self, batch: dict, answers: list[str], hits: list[bool]) -> None:
+        step, room = self.global_step, self.hparams.table_rows - len(self.tabled)
+        for k, row in enumerate(batch["rows"][: max(room, 0)]):
+            record = {"step": step, "row": row, "prompt": prompt_text(batch["prompts"][k]), "answer": answers[k],
+                      "reference": batch["answers"][k], "accuracy": float(hits[k])}  # fmt: skip
+            self.tabled.append({**record, "images": batch["images"][k]})
+
+    def on_validation_epoch_end(self) -> None:
+        records, self.tabled = self.tabled, []
+        if self.trainer.sanity_checking or not self.hparams.table_rows:
+            return
+        # trainer.log_dir is a collective: every rank resolves it, rank 0 writes.
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.trainer.is_global_zero:
+            for rec in records:
+                rec["images"] = save_images(folder, rec["images"], f"val_step{rec['step']}_row{rec['row']}")
+            write_table(self.trainer, folder / "val_samples.jsonl", "val/samples", records)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -1,11 +1,14 @@
-"""Sample tables of a rollout: what the policy wrote, beside its images, its rewards and advantages."""
+"""Sample tables: what the policy wrote beside its images, and its rewards and advantages (a rollout) or
+the reference answer (SFT validation), in a JSON lines file in the run folder and as a W&B table."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest.mock import patch
 
 import torch
 
@@ -17,31 +20,42 @@ def write_samples(trainer, run_folder: Path, rollout: Rollout, batch: dict, rows
     """Append ``rows`` of the rollout's samples to ``samples.jsonl`` in ``run_folder`` (images saved under
     ``samples/``) and, with the WandbLogger, log them as the W&B table ``rollout/samples``. Rank 0 only:
     the caller resolves ``trainer.log_dir``, a collective, on every rank."""
-    folder = run_folder / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    step = trainer.global_step
-    records, images = [], []
+    step, records = trainer.global_step, []
     for s in range(min(rows, len(rollout.texts))):
         i = s // rollout.group_size
-        paths = []
-        for j, image in enumerate(batch["images"][i]):
-            path = folder / f"step{step}_prompt{i}_{j}.png"
-            if not path.exists():
-                image.save(path)
-            paths.append(str(path))
         record = {
             "step": step,
             "sample": s,
-            "prompt": _prompt_text(batch["prompts"][i]),
+            "prompt": prompt_text(batch["prompts"][i]),
             "completion": rollout.texts[s],
             "reward": float(rollout.rewards[s]),
             "advantage": _advantage(rollout, s),
             **{k: _finite(v[s]) for k, v in rollout.rewards_per_function.items()},
-            "images": paths,
+            "images": save_images(run_folder, batch["images"][i], f"step{step}_prompt{i}"),
         }
         records.append(record)
-        images.append(batch["images"][i])
-    with (folder.parent / "samples.jsonl").open("a") as f:
+    write_table(trainer, run_folder / "samples.jsonl", "rollout/samples", records)
+
+
+def save_images(run_folder: Path, images: list, stem: str) -> list[str]:
+    """Save ``images`` as ``samples/<stem>_<j>.png`` in ``run_folder`` (once); return their paths."""
+    folder = run_folder / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}_{j}.png" for j in range(len(images))]
+    for image, path in zip(images, paths, strict=True):
+        if not path.exists():
+            image.save(path)
+    return [str(path) for path in paths]
+
+
+def write_table(trainer, jsonl: Path, key: str, records: list[dict]) -> None:
+    """Append ``records`` (each with its ``images``' paths) to ``jsonl`` and, with the WandbLogger, log them
+    as the W&B table ``key``, each row with its first image. W&B copies a table's images into its staging
+    folder (``$WANDB_DATA_DIR``, by default ``~/.local/share/wandb``) until they are uploaded: here that is
+    ``wandb/`` in the run folder, so an offline run's table images stay with the run."""
+    if not records:
+        return
+    with jsonl.open("a") as f:
         f.writelines(json.dumps(rec) + "\n" for rec in records)
     from lightning.pytorch.loggers import WandbLogger
 
@@ -51,11 +65,12 @@ def write_samples(trainer, run_folder: Path, rollout: Rollout, batch: dict, rows
 
             columns = [k for k in records[0] if k != "images"] + ["image"]
             data = [
-                [rec[k] for k in columns[:-1]] + [wandb.Image(ims[0]) if ims else None]
-                for rec, ims in zip(records, images, strict=True)
+                [rec[k] for k in columns[:-1]] + [wandb.Image(rec["images"][0]) if rec["images"] else None]
+                for rec in records
             ]
             # No explicit step: W&B steps must increase, and Lightning logs by batches, not optimiser steps.
-            logger.log_table(key="rollout/samples", columns=columns, data=data)
+            with patch.dict(os.environ, {"WANDB_DATA_DIR": str(jsonl.parent.resolve() / "wandb")}):
+                logger.log_table(key=key, columns=columns, data=data)
 
 
 def _advantage(rollout: Rollout, s: int) -> float | None:
@@ -74,7 +89,8 @@ def _finite(value: torch.Tensor) -> float | None:
     return None if math.isnan(v) else v
 
 
-def _prompt_text(messages: Any) -> str:
+def prompt_text(messages: Any) -> str:
+    """The text of the prompt's last message."""
     if isinstance(messages, str):
         return messages
     content = messages[-1]["content"]

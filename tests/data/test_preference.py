@@ -173,3 +173,19 @@ def test_synthetic_pairs_prefer_the_correct_answer(synthetic_dir):
     rows = [json.loads(line) for line in (synthetic_dir / "pref_val.jsonl").read_text().splitlines()]
     assert rows and all(r["chosen"][0]["content"][0]["text"] == r["answer"] for r in rows)
     assert all(r["rejected"][0]["content"][0]["text"] != r["answer"] for r in rows)
+
+
+def test_other_columns_reach_the_batch(backbone, tmp_path):
+    good = {
+        "images": [_image(tmp_path)],
+        "prompt": "What?",
+        "chosen": "red",
+        "rejected": "blue",
+        "margin": 1.0,
+    }
+    source = _write(
+        tmp_path / "c.jsonl",
+        [{**good, "weight": 0.5, "task": "colour"}, {**good, "weight": 2.0, "task": "x"}],
+    )
+    batch = first_batch(pref_dm(backbone.processor, source, batch_size=2))
+    assert batch["columns"] == {"weight": [0.5, 2.0], "task": ["colour", "x"]}  # margin, prompt, ... consumed

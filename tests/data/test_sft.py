@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 from lightning_vlm.data.collate import encode, render
-from lightning_vlm.data.rows import open_image
+from lightning_vlm.data.rows import BadRowError, open_image
 from tests.helpers.processing import count_image_processing
 from tests.helpers.sft_data import (
     END,
@@ -227,3 +230,80 @@ def test_string_content_mixed_with_part_lists(processor, tmp_path):
         f"2{END}",
         f"red{END}",
     ]
+
+
+# ---------------------------------------------------------------------- TRL's prompt-completion rows
+
+
+def test_prompt_completion_rows_label_only_the_completion(processor, tmp_path):
+    img = tmp_path / "img"
+    rows = [  # conversational (an earlier assistant turn in the prompt: context, no loss), then plain text
+        {
+            "images": [draw(img / "a.png", (64, 64), (220, 30, 30))],
+            "prompt": [user("What colour is the shape?", 1), assistant("red"), user("And its shape?")],
+            "completion": [assistant("circle")],
+        },
+        {
+            "images": [draw(img / "b.png", (96, 64), (30, 70, 220))],
+            "prompt": "<image>Its colour?",
+            "completion": "blue",
+        },
+        {"images": [], "prompt": "Say green.", "completion": "green"},
+    ]
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    dm = datamodule(processor, path, val=path, batch_size=len(rows))
+    tok = processor.tokenizer
+    for split in ("train", "val"):
+        batch = one_batch(dm, split)
+        labelled = [tok.decode(batch["input_ids"][k][batch["labels_mask"][k]]) for k in range(len(rows))]
+        want = {0: "circle", 1: "blue", 2: "green"}
+        assert labelled == [want[r] + END for r in batch["rows"]]  # not the prompt's "red"
+        assert batch["input_ids"].eq(processor.image_token_id).any(1).tolist() == [
+            r < 2 for r in batch["rows"]
+        ]
+    assert batch["answers"] == ["circle", "blue", "green"]
+    assert tok.decode(batch["prompt"]["input_ids"][0]).endswith("And its shape?<|im_end|>\n" + GEN_PROMPT)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "Colour?", "completion": None}, r"row 1: field 'completion' is missing"),
+        ({"prompt": "Colour?", "completion": 3}, r"row 1: field 'completion': expected a non-empty list"),
+        ({"prompt": 7, "completion": "red"}, r"row 1: field 'prompt': expected a non-empty list"),
+        (
+            {"prompt": "Colour?", "completion": " "},
+            r"row 1: field 'completion': message 0, the assistant's reply",
+        ),
+        ({"prompt": [assistant("hi")], "completion": "red"}, r"row 1: field 'prompt': the last message must"),
+        ({"messages": [user("q"), assistant("a")], "completion": "red"}, r"row 1: has both 'messages' and"),
+    ],
+    ids=["no-completion", "completion-number", "prompt-number", "blank-completion", "prompt-role", "both"],
+)
+def test_bad_prompt_completion_rows_name_file_row_and_field(processor, tmp_path, row, message):
+    good = {"images": [], "prompt": "Colour?", "completion": "red"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, {"images": [], **row}])
+    with pytest.raises(BadRowError, match=re.escape(path) + ": " + message):
+        datamodule(processor, path)
+    dm = datamodule(processor, path, bad_rows="skip")
+    assert dm.skipped[path] == {"bad": 1} and len(dm.datasets["train"]) == 1
+
+
+def test_neither_format_names_both(processor, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"images": [], "prompt": "Colour?"}])
+    with pytest.raises(KeyError, match="missing column 'messages' .*or give 'prompt' and 'completion'"):
+        datamodule(processor, path)
+
+
+def test_other_columns_reach_the_batch(processor, tmp_path):
+    rows = [
+        {"images": [], "messages": [user("Say red."), assistant("red")], "weight": 0.5, "label": True},
+        {"images": [], "prompt": "Say blue.", "completion": "blue", "weight": 2.0, "label": False},
+    ]
+    path = write_jsonl(tmp_path / "w.jsonl", rows)
+    dm = datamodule(processor, path, val=path, batch_size=2)
+    for split in ("train", "val"):
+        batch = one_batch(dm, split)
+        assert set(batch["columns"]) == {"weight", "label"}  # not the consumed ones
+        assert batch["columns"]["weight"] == [rows[r]["weight"] for r in batch["rows"]]
+        assert batch["columns"]["label"] == [rows[r]["label"] for r in batch["rows"]]

@@ -109,3 +109,27 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop(synthetic_dir, mon
     module = SFT(BackboneConfig(tiny=TinyVLM()), max_nonfinite_steps=3)
     with pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
         _fit(module, synthetic_dir, steps=10)
+
+
+class _Norms(L.Callback):
+    """The gradients' total 2-norm when the optimiser step starts (callbacks run before the module's hook,
+    and Lightning clips after both)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.cat(grads).norm()))
+
+
+def test_grad_norm_is_logged_before_clipping(synthetic_dir):
+    torch.manual_seed(0)
+    module, norms = SFT(BackboneConfig(tiny=TinyVLM()), lr=1e-3), _Norms()
+    dm = SFTDataModule(train=str(synthetic_dir / "sft_train.jsonl"), batch_size=8)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, gradient_clip_val=1e-4, callbacks=[norms])  # fmt: skip
+    trainer.fit(module, dm)
+    (want,) = norms.norms
+    assert want > 1e-2  # far above the clip: a clipped norm would read 1e-4
+    assert float(trainer.callback_metrics["train/grad_norm"]) == pytest.approx(want, rel=1e-4)

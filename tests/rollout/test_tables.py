@@ -4,6 +4,7 @@ a W&B table every rollout."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -44,8 +45,11 @@ def test_samples_table_rows(grpo_run, synthetic_dir):
             assert saved.size == image.size and saved.tobytes() == image.convert("RGB").tobytes()
 
 
-def test_samples_table_goes_to_wandb_every_rollout(tmp_path, synthetic_dir):
+def test_samples_table_goes_to_wandb_every_rollout(tmp_path, synthetic_dir, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
+
+    elsewhere = tmp_path.parent / f"{tmp_path.name}_wandb_data"  # W&B's own data folder: not the run's
+    monkeypatch.setenv("WANDB_DATA_DIR", str(elsewhere))
 
     module = GSPO(BackboneConfig(tiny=TinyVLM()), loop=OnlineSettings(mini_batches=2))  # 2 steps per rollout
     data = PromptDataModule(train=str(synthetic_dir / "prompt_train.jsonl"), batch_size=2)
@@ -62,3 +66,8 @@ def test_samples_table_goes_to_wandb_every_rollout(tmp_path, synthetic_dir):
     tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/rollout/samples_*.table.json"))
     assert len(tables) == 3  # one per rollout
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 3 * 2 * G
+    # The tables' images (W&B's staged copies, kept until a sync uploads them) are in the run folder.
+    staged = [p.read_bytes()[:8] for p in (tmp_path / "wandb" / "artifacts" / "staging").iterdir()]
+    assert staged.count(b"\x89PNG\r\n\x1a\n") >= 3
+    assert not any(p.is_file() for p in elsewhere.rglob("*"))
+    assert os.environ["WANDB_DATA_DIR"] == str(elsewhere)  # set back

@@ -113,6 +113,7 @@ def train(objective, rollouts: list[Rollout]) -> None:
             step_loss = torch.stack(losses).sum() if losses else torch.zeros((), device=m.device)
             history.setdefault("loss", []).append(step_loss)
             if m.guard(step_loss) is not None and losses:
+                history.setdefault("grad_norm", []).append(m.grad_norm())  # before clipping
                 if s.max_grad_norm:
                     m.clip_gradients(opt, gradient_clip_val=s.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()

@@ -359,3 +359,21 @@ def test_batch_reward_std_is_over_the_samples_that_train():
     grouped = rewards.view(-1, 2)
     manual = (grouped - grouped.mean(1, keepdim=True)).reshape(-1) / (expected + 1e-4)
     torch.testing.assert_close(GRPO.advantages(module, rollout), manual)
+
+
+def test_grad_norm_is_logged_before_the_loops_clipping(synthetic_dir):
+    module = build(lr=1e-3, loop={"max_grad_norm": 1e-4})
+    norms = []
+    clip = module.clip_gradients
+
+    def measured(optimizer, **kw):  # the norm the loop's clipping sees
+        norms.append(
+            float(torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]).norm())
+        )
+        return clip(optimizer, **kw)
+
+    module.clip_gradients = measured
+    trainer = fit(module, synthetic_dir, [rollout_callback()])
+    (want,) = norms
+    assert want > 1e-2  # far above max_grad_norm: a clipped norm would read 1e-4
+    assert float(trainer.callback_metrics["train/grad_norm"]) == pytest.approx(want, rel=1e-4)
