@@ -28,10 +28,10 @@ LAYERS = {
 # data/loaders.py; the JSON reading and the loaders moved there from rows.py and base.py).
 # Truncated importance sampling for a sampler that is not the trainer (issue 13): +61 in losses/, +26 in the
 # loop, its settings and the four objectives.
-# The vLLM rollout engine (issue 13): +366 (rollout/vllm_engine.py 284, rollout/weight_sync.py 76, the request's
+# The vLLM rollout engine (issue 13): +367 (rollout/vllm_engine.py 285, rollout/weight_sync.py 76, the request's
 # raw images and rows, the sync's timing).
 # SFT prompt-completion rows, extra columns in batches, grad norm, the SFT samples table (issue 14, items 7 and 9): +110.
-MAX_LINES, MAX_TOTAL = 300, 7426
+MAX_LINES, MAX_TOTAL = 300, 7427
 
 
 def _modules() -> dict[str, Path]:

@@ -86,6 +86,7 @@ class VLLMEngine(RolloutEngine):
         # adapter merged at load, or everything when an engine built for another backbone is reused.
         everything = bool(backbone.adapter) or self.llm is not None
         if self.llm is None or self.backbone.path != backbone.path:  # one engine per model folder
+            self.llm = None  # vLLM tears down process-wide state as an engine goes: before the next one starts
             self.llm = _build(backbone, self.settings, self.sleep, self.engine_kwargs)
             everything = bool(backbone.adapter)
         self.backbone = backbone
