@@ -59,6 +59,12 @@ def test_every_zoo_recipe_parses(recipe, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("lightning_vlm.objectives.")
     assert printed["data"]["class_path"].startswith("lightning_vlm.data.")
+    trainer = printed["trainer"]  # one setting names the run folder; nothing else hard-codes a path
+    assert trainer["default_root_dir"] == f"runs/{Path(recipe).stem}"
+    assert trainer["logger"]["init_args"]["save_dir"] in (None, ".")
+    folders = {c["class_path"].rpartition(".")[2]: c.get("init_args", {}) for c in trainer["callbacks"]}
+    assert "ExportHF" in folders and "ModelCheckpoint" in folders
+    assert folders["ExportHF"]["dirpath"] is None and folders["ModelCheckpoint"]["dirpath"] is None
 
 
 @pytest.mark.parametrize("fragment", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

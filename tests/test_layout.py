@@ -30,7 +30,9 @@ LAYERS = {
 # loop, its settings and the four objectives.
 # The vLLM rollout engine (issue 13): +365 (rollout/vllm_engine.py 283, rollout/weight_sync.py 76, the request's
 # raw images and rows, the sync's timing).
-MAX_LINES, MAX_TOTAL = 300, 7315
+# One run folder (issue 14): +39 (unset logger/checkpoint/export folders follow trainer.default_root_dir, the
+# refusal of a second fit into it, --overwrite).
+MAX_LINES, MAX_TOTAL = 300, 7354
 
 
 def _modules() -> dict[str, Path]:
