@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _config(recipe: Path, run: Path, data: Path, seed: int, threads: int, sets: list[str]) -> dict:
     cfg = yaml.safe_load(recipe.read_text())
     cfg["seed_everything"], cfg["torch_threads"], cfg["report_held_out"] = seed, threads, True
+    cfg["overwrite"] = True  # a rerun of the grid replaces its RL runs (an SFT export is reused, not rerun)
     trainer = cfg["trainer"]
+    # The run folder: ExportHF writes run/hf.
     trainer["default_root_dir"], trainer["logger"], trainer["enable_progress_bar"] = str(run), False, False
     callbacks = []
     for cb in trainer.get("callbacks", []):
@@ -38,8 +40,6 @@ def _config(recipe: Path, run: Path, data: Path, seed: int, threads: int, sets: 
         name = cb["class_path"].rsplit(".", 1)[-1]
         if name == "ModelCheckpoint":
             continue  # not needed to measure; saves disk and time
-        if name == "ExportHF":
-            cb["init_args"]["dirpath"] = str(run / "hf")
         if name == "RolloutCallback":
             cb["init_args"]["seed"] = seed
             cb["init_args"]["table_every_n_steps"] = 0

@@ -3,6 +3,8 @@
 Model and data are chosen by import path (``class_path``), so a custom objective needs no registration.
 Typos anywhere in the config, nested backbone and tiny-model settings included, fail at parse time with
 the key named. The resolved config is saved with every run and sent to the logger (W&B keeps it).
+``trainer.default_root_dir`` names the run folder: a logger, ``ModelCheckpoint`` or ``ExportHF`` given no
+folder of its own writes there, and ``fit`` refuses a folder that holds another run's checkpoints or export.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_vlm.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lightning_vlm.data.base import VLMDataModule
+from lightning_vlm.export import ExportHF
 from lightning_vlm.objectives.base import VLMObjective, class_path, saved_objective
 from lightning_vlm.progress import default_bar
 
@@ -105,6 +113,13 @@ class VLMCLI(LightningCLI):
             help="when stdout is not a terminal (nohup, SLURM, CI), a plain progress line every N optimiser "
             "steps replaces the live bar (default: trainer.log_every_n_steps)",
         )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: write into a run folder (trainer.default_root_dir) that holds another run's checkpoints "
+            "or export; without it such a fit is refused",
+        )
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -142,8 +157,17 @@ class VLMCLI(LightningCLI):
             rank_zero_info(f"Seed set to {seed}")
 
     def instantiate_classes(self) -> None:
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        run, unset = trainer.default_root_dir, []
+        for args in [getattr(x, "init_args", None) or {} for x in loggers]:  # {} for logger: true/false
+            if run and args.get("save_dir", "") in (None, ".") and not args.get("dir"):
+                unset.append((args, args.save_dir))
+                args.save_dir = run  # a save_dir left at its default (W&B's ".") is the run folder
         try:
             super().instantiate_classes()
+            for args, default in unset:  # the saved config keeps it unset: one setting moves a repeat too
+                args.save_dir = default
         except ValueError as error:  # jsonargparse wraps what an __init__ raised in a dump of the config
             cause = error
             while _in_jsonargparse(cause) and cause.__cause__ is not None:
@@ -181,6 +205,20 @@ class VLMCLI(LightningCLI):
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not the user's
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        run = trainer.default_root_dir  # the run folder (Lightning: the current directory when unset)
+        local = run if "://" in run else os.path.realpath(run)  # as ModelCheckpoint keeps a given dirpath
+        folders = [(c.folder(trainer), "export") for c in trainer.callbacks if isinstance(c, ExportHF)]
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                callback.dirpath = callback.dirpath or os.path.join(local, "checkpoints")
+                folders.append((callback.dirpath, "checkpoints"))
+        if self.subcommand == "fit" and not (self.config.fit.overwrite or self.config.fit.ckpt_path):
+            for folder, what in folders:  # a rerun or a variant would write over what later stages load
+                if "://" not in str(folder) and any(Path(folder).glob("*")):
+                    _fail(
+                        f"{folder} holds another run's {what} (run folder {run}): name a new run folder with "
+                        "--trainer.default_root_dir, write over it with --overwrite true, or resume with --ckpt_path"
+                    )
         return trainer
 
     def _held_out(self, ckpt_path: str | None = None) -> dict[str, float]:

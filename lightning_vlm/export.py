@@ -22,22 +22,27 @@ class ExportHF(L.Callback):
     export whole (put back at its name, if it was moved aside, when the next run starts).
     """
 
-    def __init__(self, dirpath: str, merge_lora: bool = True, dtype: str | None = None):
+    def __init__(self, dirpath: str | None = None, merge_lora: bool = True, dtype: str | None = None):
         """
         Args:
-            dirpath: Output folder (replaced if it exists).
+            dirpath: Output folder (replaced if it exists); default ``hf`` in the run folder
+                (``trainer.default_root_dir``).
             merge_lora: Fold LoRA adapters into the weights (a standalone model); when False, save the
                 adapters alone (a small peft folder that needs the base model; a vision tower trained
                 under LoRA is saved with them).
             dtype: Cast the exported weights, e.g. ``bfloat16`` (default: as trained).
         """
-        self.dirpath = Path(dirpath)
+        self.dirpath = Path(dirpath) if dirpath else None
         self.merge_lora = merge_lora
         self.dtype = dtype
 
+    def folder(self, trainer: L.Trainer) -> Path:
+        """Where the export goes: ``dirpath``, else ``hf`` in the run folder."""
+        return self.dirpath or Path(trainer.default_root_dir, "hf")
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:  # what a killed export left: its partial copy, the previous export aside
-            clean_leftovers(self.dirpath.parent, self.dirpath.name)
+            clean_leftovers(self.folder(trainer).parent, self.folder(trainer).name)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
@@ -45,13 +50,14 @@ class ExportHF(L.Callback):
         state = _gather_if_sharded(pl_module)  # FSDP2: a collective, so every rank takes part
         if not trainer.is_global_zero:
             return
-        tmp = partial_path(self.dirpath)
+        folder = self.folder(trainer)
+        tmp = partial_path(folder)
         try:
             self._write(tmp, pl_module, state)
-            replace(tmp, self.dirpath)  # the previous export stays whole until the new one is in place
+            replace(tmp, folder)  # the previous export stays whole until the new one is in place
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"exported the trained model to {self.dirpath}")
+        print(f"exported the trained model to {folder}")
 
     def _write(self, tmp: Path, pl_module: L.LightningModule, state: dict[str, torch.Tensor] | None) -> None:
         backbone = pl_module.backbone

@@ -61,6 +61,12 @@ def test_every_zoo_recipe_parses(recipe, capsys):
     assert printed["data"]["class_path"].startswith("lightning_vlm.data.")
     monitors = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith(".LearningRateMonitor")]
     assert [m["init_args"]["logging_interval"] for m in monitors] == ["step"]  # train/lr in every recipe
+    trainer = printed["trainer"]  # one setting names the run folder; nothing else hard-codes a path
+    assert trainer["default_root_dir"] == f"runs/{Path(recipe).stem}"
+    assert trainer["logger"]["init_args"]["save_dir"] in (None, ".")
+    folders = {c["class_path"].rpartition(".")[2]: c.get("init_args", {}) for c in trainer["callbacks"]}
+    assert "ExportHF" in folders and "ModelCheckpoint" in folders
+    assert folders["ExportHF"]["dirpath"] is None and folders["ModelCheckpoint"]["dirpath"] is None
 
 
 def test_a_recipe_without_its_logger_drops_the_lr_monitor(tmp_path):

@@ -31,7 +31,9 @@ LAYERS = {
 # The vLLM rollout engine (issue 13): +367 (rollout/vllm_engine.py 285, rollout/weight_sync.py 76, the request's
 # raw images and rows, the sync's timing).
 # SFT prompt-completion rows, extra columns in batches, grad norm, the SFT samples table (issue 14, items 7 and 9): +110.
-MAX_LINES, MAX_TOTAL = 300, 7427
+# One run folder (issue 14): +39 (unset logger/checkpoint/export folders follow trainer.default_root_dir, the
+# refusal of a second fit into it, --overwrite).
+MAX_LINES, MAX_TOTAL = 300, 7471
 
 
 def _modules() -> dict[str, Path]:
