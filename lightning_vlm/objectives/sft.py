@@ -9,7 +9,6 @@ generation term of MPO, which applies the same loss to the chosen response of a 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from lightning_vlm.losses import sft_loss
 from lightning_vlm.metrics import exact_match
 from lightning_vlm.model.backbone import BackboneConfig
 from lightning_vlm.objectives.base import VLMObjective
-from lightning_vlm.rollout.tables import prompt_text, save_images, write_table
+from lightning_vlm.rollout.tables import prompt_text, write_val_samples
 
 
 class SFT(VLMObjective):
@@ -89,14 +88,8 @@ class SFT(VLMObjective):
 
     def on_validation_epoch_end(self) -> None:
         records, self.tabled = self.tabled, []
-        if self.trainer.sanity_checking or not self.hparams.table_rows:
-            return
-        # trainer.log_dir is a collective: every rank resolves it, rank 0 writes.
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if self.trainer.is_global_zero:
-            for rec in records:
-                rec["images"] = save_images(folder, rec["images"], f"val_step{rec['step']}_row{rec['row']}")
-            write_table(self.trainer, folder / "val_samples.jsonl", "val/samples", records)
+        if self.hparams.table_rows:
+            write_val_samples(self.trainer, records)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -1,5 +1,6 @@
-"""Sample tables: what the policy wrote beside its images, and its rewards and advantages (a rollout) or
-the reference answer (SFT validation), in a JSON lines file in the run folder and as a W&B table."""
+"""Sample tables: what the policy wrote beside its images, and its rewards and advantages (a rollout), the
+reference answer (SFT validation) or the pair's scores (preference validation), in a JSON lines file in the
+run folder and as a W&B table."""
 
 from __future__ import annotations
 
@@ -35,6 +36,20 @@ def write_samples(trainer, run_folder: Path, rollout: Rollout, batch: dict, rows
         }
         records.append(record)
     write_table(trainer, run_folder / "samples.jsonl", "rollout/samples", records)
+
+
+def write_val_samples(trainer, records: list[dict]) -> None:
+    """Append a validation's ``records`` (each with its ``step``, ``row`` and opened ``images``) to
+    ``val_samples.jsonl`` in the run folder (``trainer.log_dir``, else ``default_root_dir``; images under
+    ``samples/``) and, with the WandbLogger, log them as the W&B table ``val/samples``; not for the sanity
+    check. Call it on every rank (``trainer.log_dir`` is a collective): rank 0 writes."""
+    if trainer.sanity_checking:
+        return
+    folder = Path(trainer.log_dir or trainer.default_root_dir)
+    if trainer.is_global_zero:
+        for rec in records:
+            rec["images"] = save_images(folder, rec["images"], f"val_step{rec['step']}_row{rec['row']}")
+        write_table(trainer, folder / "val_samples.jsonl", "val/samples", records)
 
 
 def save_images(run_folder: Path, images: list, stem: str) -> list[str]:
