@@ -99,9 +99,10 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         texts: list[list[str]] = [[], []]
         spans: list[list] = [[], []]
-        images, counts = [], []
+        images, counts, pairs, per_row = [], [], [], []
         for r in rows:
             prompt, chosen, rejected = pair_messages(r)
+            pairs.append((prompt, chosen, rejected))
             for k, (response, field) in enumerate(((chosen, "chosen"), (rejected, "rejected"))):
                 text, sp = assistant_spans(self.processor, prompt + response, r[ROW], len(prompt), field)
                 texts[k].append(text)
@@ -109,6 +110,7 @@ class PreferenceCollator:
             row_images = [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
             counts.append(image_token_counts(self.processor, row_images))
             images += row_images
+            per_row.append(row_images)
         if self.vision_once:
             blocks = encode_blocks(self.processor, texts, images)  # each image processed once
             batch = stack_blocks(blocks, self.processor.tokenizer.pad_token_id)
@@ -124,6 +126,9 @@ class PreferenceCollator:
         batch["columns"] = other_columns(rows, ("images", "prompt", "chosen", "rejected", "margin"))
         if "margin" in rows[0]:
             batch["margin"] = [float(r["margin"]) for r in rows]
+        if self.split != "train":  # for the samples table
+            batch["prompts"], batch["chosen"], batch["rejected"] = (list(m) for m in zip(*pairs, strict=True))
+            batch["images"] = per_row
         return batch
 
 

@@ -18,11 +18,11 @@ import torch
 
 from lightning_vlm.losses import dpo_loss, hinge_loss, ipo_loss
 from lightning_vlm.model.backbone import BackboneConfig
-from lightning_vlm.objectives.base import VLMObjective
+from lightning_vlm.objectives.preference.base import PreferenceObjective
 from lightning_vlm.objectives.preference.pairs import PairLogps
 
 
-class DPO(VLMObjective):
+class DPO(PreferenceObjective):
     """DPO / IPO / hinge on image preference pairs."""
 
     need_reference = True
@@ -47,7 +47,8 @@ class DPO(VLMObjective):
             precompute_ref_logps: Score every training and held-out row with the reference once
                 before training and cache the values (saved in checkpoints); the frozen reference copy
                 is then released (full fine-tuning), and steps skip the reference forward.
-            **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
+            **kwargs: ``table_rows`` (the samples table: see :class:`PreferenceObjective`) and the
+                optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
         """
         super().__init__(backbone, **kwargs)
         if label_smoothing and loss_type != "sigmoid":
@@ -62,20 +63,12 @@ class DPO(VLMObjective):
         (c, r), _, features = self.pairs.policy(batch)
         rc, rr = self.pairs.reference(batch, features)
         h = self.hparams
+        self.pair_scores = (h.beta * (c - rc)).detach(), (h.beta * (r - rr)).detach()  # implicit rewards
         if h.loss_type == "ipo":
             return ipo_loss(c, r, rc, rr, beta=h.beta)
         if h.loss_type == "hinge":
             return hinge_loss(c, r, rc, rr, beta=h.beta)
         return dpo_loss(c, r, rc, rr, beta=h.beta, label_smoothing=h.label_smoothing)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        (c, r), _, features = self.pairs.policy(batch)
-        rc, rr = self.pairs.reference(batch, features)
-        beta = self.hparams.beta
-        return [
-            {"row": row, "reward_chosen": float(beta * a), "reward_rejected": float(beta * b)}
-            for row, a, b in zip(batch["rows"], c - rc, r - rr, strict=True)
-        ]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

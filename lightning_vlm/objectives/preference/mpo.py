@@ -19,11 +19,11 @@ import torch
 
 from lightning_vlm.losses import bco_pair_loss, dpo_loss, sft_loss
 from lightning_vlm.model.backbone import BackboneConfig
-from lightning_vlm.objectives.base import VLMObjective
+from lightning_vlm.objectives.preference.base import PreferenceObjective
 from lightning_vlm.objectives.preference.pairs import PairLogps
 
 
-class MPO(VLMObjective):
+class MPO(PreferenceObjective):
     """DPO + BCO + SFT, weighted, on image preference pairs."""
 
     need_reference = True
@@ -46,7 +46,8 @@ class MPO(VLMObjective):
             quality_weight: Weight of the BCO pair term (0 turns it off).
             generation_weight: Weight of the SFT term on the chosen response (0 turns it off).
             precompute_ref_logps: Cache the reference log-probs of every row before training (see DPO).
-            **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
+            **kwargs: ``table_rows`` (see :class:`PreferenceObjective`) and the optimisation settings of
+                :class:`VLMObjective` (lr, schedule, ...).
         """
         super().__init__(backbone, **kwargs)
         if preference_weight == quality_weight == generation_weight == 0:
@@ -67,6 +68,7 @@ class MPO(VLMObjective):
         h = self.hparams
         (c, r), token_logps, features = self.pairs.policy(batch)
         rc, rr = self.pairs.reference(batch, features)
+        self.pair_scores = (h.beta * (c - rc)).detach(), (h.beta * (r - rr)).detach()  # implicit rewards
         preference, metrics = dpo_loss(c, r, rc, rr, beta=h.beta)
         quality, bco_metrics = bco_pair_loss(c, r, rc, rr, beta=h.beta, delta=self.delta)
         n = len(batch["rows"])

@@ -30,13 +30,15 @@ from lightning_vlm.data.rows import as_list, open_image
 from lightning_vlm.losses import reward_model_loss
 from lightning_vlm.model.backbone import BackboneConfig, VLMBackbone
 from lightning_vlm.model.vision import has_images
-from lightning_vlm.objectives.base import VLMObjective
+from lightning_vlm.objectives.preference.base import PreferenceObjective
 
 HEAD_FILE, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
 
 
-class RewardModel(VLMObjective):
+class RewardModel(PreferenceObjective):
     """Backbone + scalar head, trained with the Bradley-Terry loss on image preference pairs."""
+
+    score_names = ("score_chosen", "score_rejected")
 
     def __init__(self, backbone: BackboneConfig, center_coef: float | None = None, **kwargs: Any):
         """
@@ -44,7 +46,8 @@ class RewardModel(VLMObjective):
             backbone: The VLM to turn into a scorer (usually the SFT model; LoRA works too).
             center_coef: Weight of ``mean((rc + rr)**2)`` that keeps scores near 0 (e.g. 0.01);
                 ``null`` turns it off. A ``margin`` column in the data is used when present.
-            **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
+            **kwargs: ``table_rows`` (see :class:`PreferenceObjective`) and the optimisation settings of
+                :class:`VLMObjective` (lr, schedule, ...).
         """
         super().__init__(backbone, **kwargs)
         hidden = self.backbone.hf_config.get_text_config().hidden_size
@@ -67,19 +70,11 @@ class RewardModel(VLMObjective):
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         s = self.scores(batch["input_ids"], batch["attention_mask"], batch["vision"], batch["copies"])
         chosen, rejected = s.chunk(2)  # (B,), (B,)
+        self.pair_scores = chosen.detach(), rejected.detach()
         margin = batch.get("margin")
         if margin is not None:
             margin = torch.tensor(margin, device=s.device)
         return reward_model_loss(chosen, rejected, margin=margin, center_coef=self.hparams.center_coef)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        chosen, rejected = self.scores(
-            batch["input_ids"], batch["attention_mask"], batch["vision"], batch["copies"]
-        ).chunk(2)
-        return [
-            {"row": row, "score_chosen": float(a), "score_rejected": float(b)}
-            for row, a, b in zip(batch["rows"], chosen, rejected, strict=True)
-        ]
 
     # ------------------------------------------------------------------ export / load
     def save_extra(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
