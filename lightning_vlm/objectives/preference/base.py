@@ -31,19 +31,23 @@ class PreferenceObjective(VLMObjective):
         self.pair_scores: tuple[torch.Tensor, torch.Tensor] | None = None  # (B,), (B,): set by _loss
         self.tabled: list[dict] = []  # this validation's tabled pairs
 
+    def _scored(self, batch: dict, stage: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (chosen, rejected) scores that ``_loss`` kept for ``batch`` (its metrics logged under ``stage``)."""
+        self.pair_scores = None  # never a previous batch's
+        self._step(batch, stage) if stage else self._loss(batch)
+        if self.pair_scores is None:
+            raise NotImplementedError(f"{type(self).__name__}._loss did not set pair_scores")
+        return self.pair_scores
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        self._loss(batch)
-        assert self.pair_scores is not None
-        (chosen, rejected), names = self.pair_scores, self.score_names
+        (chosen, rejected), names = self._scored(batch), self.score_names
         return [
             {"row": row, names[0]: float(a), names[1]: float(b)}
             for row, a, b in zip(batch["rows"], chosen, rejected, strict=True)
         ]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
-        assert self.pair_scores is not None
-        (chosen, rejected), names = self.pair_scores, self.score_names
+        (chosen, rejected), names = self._scored(batch, "val"), self.score_names
         room = self.hparams.table_rows - len(self.tabled)
         for k, row in enumerate(batch["rows"][: max(room, 0)]):
             record = {"step": self.global_step, "row": row, "prompt": prompt_text(batch["prompts"][k])}

@@ -71,3 +71,11 @@ def test_validation_writes_a_samples_table(objective, tmp_path, synthetic_dir):
         assert len(tables) == 2  # one per validation
         columns = json.loads(tables[0].read_text())["columns"]
         assert columns == ["step", "row", "prompt", "chosen", "rejected", chosen, rejected, "margin", "image"]
+
+
+def test_a_loss_that_keeps_no_pair_scores_is_named():
+    module = DPO(BackboneConfig(tiny=TinyVLM()))
+    module.pair_scores = (torch.ones(1), torch.zeros(1))  # an earlier batch's: never reused
+    module._loss = lambda batch: (torch.zeros(()), {})
+    with pytest.raises(NotImplementedError, match=r"DPO\._loss did not set pair_scores"):
+        module.predict_step({"rows": [0]}, 0)
