@@ -86,7 +86,8 @@ class VLLMEngine(RolloutEngine):
         # adapter merged at load, or everything when an engine built for another backbone is reused.
         everything = bool(backbone.adapter) or self.llm is not None
         if self.llm is None or self.backbone.path != backbone.path:  # one engine per model folder
-            self.llm = None  # vLLM tears down process-wide state as an engine goes: before the next one starts
+            # vLLM tears down process-wide state as an engine goes: let the old one go before the next starts
+            self.llm = None
             self.llm = _build(backbone, self.settings, self.sleep, self.engine_kwargs)
             everything = bool(backbone.adapter)
         self.backbone = backbone
