@@ -385,6 +385,9 @@ def test_ci_runs_the_readme_test_command():
     steps = [step.strip() for step in command.split(" && ")]  # each step of it, in order, in CI
     at = [next(i for i, line in enumerate(lines) if step in line) for step in steps]
     assert at == sorted(at) and lines[at[-1]] == steps[-1], (steps, lines)
+    vllm = next(line.strip() for line in readme.splitlines() if line.strip().startswith("bash .ci/vllm-venv"))
+    vllm_at = [next(i for i, line in enumerate(lines) if line.startswith(step)) for step in vllm.split(" && ")]
+    assert vllm_at == sorted(vllm_at) and vllm_at[0] > at[-1], (vllm, lines)  # the vLLM venv's tests, after
     quickstart = next(
         line.strip() for line in readme.splitlines() if "fit --config zoo/tiny_qwen2vl_sft.yaml" in line
     )
