@@ -10,7 +10,6 @@ samples and scores, nothing else: advantages and log-probs are the objective's b
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from lightning_vlm.model.vision import has_images
+from lightning_vlm.rollout import engines
 from lightning_vlm.rollout.engines import GenerationRequest, HFEngine, RolloutEngine, SamplingSettings
 from lightning_vlm.rollout.rewards import RewardFn, accuracy, combine
 from lightning_vlm.rollout.rollout import Rollout, completion_mask
@@ -156,7 +156,7 @@ class RolloutCallback(L.Callback):
     def _seed(self, rank: int, draw: int) -> int:
         """The seed of one generation: a function of (seed, rollout, rank, draw), so a resumed run
         samples exactly what the uninterrupted one would have, whatever else used the global RNG."""
-        return _hash(f"{self.seed}-{self.rollouts}-{rank}-{draw}")
+        return engines.stable_seed(f"{self.seed}-{self.rollouts}-{rank}-{draw}")
 
     @torch.no_grad()
     def sample(
@@ -183,7 +183,7 @@ class RolloutCallback(L.Callback):
         row_seeds = None
         if self.per_prompt_seeds and sampling.do_sample:
             key = f"{self.seed}-{self.rollouts}-{draw}" if seed is None else f"held-out-{seed}"
-            row_seeds = [_hash(f"{key}-{row}-{k}") for row in batch["rows"] for k in range(G)]
+            row_seeds = [engines.stable_seed(f"{key}-{row}-{k}") for row in batch["rows"] for k in range(G)]
         if sampling.do_sample:
             seed = self._seed(pl_module.global_rank, draw) if seed is None else seed
         images, rows = batch.get("images"), list(batch["rows"])  # raw images: for engines that process them
@@ -288,10 +288,6 @@ class RolloutCallback(L.Callback):
             values[f"rollout/rewards/{name}_std"] = ok.std() if ok.numel() > 1 else vals.new_zeros(())
         for key, value in values.items():
             pl_module.log(key, value, on_step=True, batch_size=batch_size, prog_bar=key == "rollout/reward")
-
-
-def _hash(key: str) -> int:
-    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
 def _spread(rollout: Rollout) -> torch.Tensor:

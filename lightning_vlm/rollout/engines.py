@@ -15,6 +15,7 @@ log-probs). Around that, three calls bind it to training:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,3 +113,8 @@ class HFEngine(RolloutEngine):
                 torch.manual_seed(request.seed)
             out = self.backbone.generate(ids, request.prompt_mask, request.vision, **settings)
         return Generation(completion_ids=out)
+
+
+def stable_seed(key: str) -> int:
+    """A seed from a string key (the same in every process and run): sampling seeds that resume exactly."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)

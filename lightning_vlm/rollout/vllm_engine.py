@@ -19,16 +19,14 @@ layers (q/k/v, gate/up) get whole (``lightning_vlm.rollout.weight_sync``); FSDP2
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
 from typing import Any
 
 import torch
 
 from lightning_vlm.model.generation import _vision_token_ids
-from lightning_vlm.rollout.engines import Generation, GenerationRequest, RolloutEngine
+from lightning_vlm.rollout.engines import Generation, GenerationRequest, RolloutEngine, stable_seed
 from lightning_vlm.rollout.weight_sync import changed_weights
 
 
@@ -58,8 +56,8 @@ class VLLMEngine(RolloutEngine):
             gpu_memory_utilization: The engine's share of GPU memory (weights and KV cache); the rest
                 is the trainer's.
             sleep_between_rollouts: On a GPU, vLLM's sleep mode (level 1) between rollouts: the KV cache
-                is dropped and the weights wait in host RAM, so training has the GPU memory back; costs
-                a wake-up per rollout and sync. Ignored on the CPU.
+                is dropped and the weights wait in host RAM from each generation to the next sync, so
+                training has the GPU memory back; costs a wake-up per rollout. Ignored on the CPU.
             enforce_eager: No CUDA graphs (saves start-up time and memory on small runs).
             engine_kwargs: Anything else for ``vllm.LLM`` (overrides the above).
         """
@@ -76,7 +74,7 @@ class VLLMEngine(RolloutEngine):
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm: Any = None
         self.backbone: Any = None
-        self.last_sync_seconds = 0.0
+        self.asleep = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self, backbone) -> None:
@@ -95,8 +93,6 @@ class VLLMEngine(RolloutEngine):
         self._suppress = {t: -100.0 for t in _vision_token_ids(backbone.model)}  # vLLM's floor
         self._image_token = _image_token_id(backbone.hf_config)
         self.sync_weights(backbone, everything=everything)
-        if self.sleep:
-            self.llm.sleep(level=1)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -130,14 +126,14 @@ class VLLMEngine(RolloutEngine):
                     jobs.append(prompt)
                     params.append(SamplingParams(n=1, seed=request.row_seeds[i * G + k] % 2**63, **base))
             else:
-                seed = None if request.seed is None else _seed(request.seed, i)
+                seed = None if request.seed is None else stable_seed(f"{request.seed}-{i}")
                 jobs.append(prompt)
                 params.append(SamplingParams(n=G, seed=seed, **base))
-        if self.sleep:
-            self.llm.wake_up()
+        self._wake()
         outputs = self.llm.generate(jobs, params, use_tqdm=False)
-        if self.sleep:
+        if self.sleep:  # training runs next: give it the memory until the sync wakes the engine
             self.llm.sleep(level=1)
+            self.asleep = True
         samples: list[tuple[list[int], list[float]]] = []
         for j, out in enumerate(outputs):
             i = j // G if request.row_seeds is not None else j
@@ -186,9 +182,7 @@ class VLLMEngine(RolloutEngine):
         """Reload the policy's trainable tensors into vLLM (``everything``: all of them)."""
         if self.llm is None:
             return
-        start = time.perf_counter()
-        if self.sleep:
-            self.llm.wake_up()
+        self._wake()  # and awake it stays: the next rollout's generation comes next
         weights = list(changed_weights(backbone.model, everything))
         # Layers left out (frozen) keep their weights; vLLM warns about each of them: quiet.
         quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -200,9 +194,11 @@ class VLLMEngine(RolloutEngine):
             quiet.setLevel(level)
         self.llm.reset_prefix_cache()  # cached prompt keys/values and image features belong to the old weights
         self.llm.llm_engine.reset_encoder_cache()
-        if self.sleep:
-            self.llm.sleep(level=1)
-        self.last_sync_seconds = time.perf_counter() - start
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
 
 def _build(backbone, settings: dict[str, Any], sleep: bool, extra: dict[str, Any]):
@@ -267,10 +263,6 @@ def _image_token_id(config) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-def _seed(seed: int, i: int) -> int:
-    return int(hashlib.sha256(f"{seed}-{i}".encode()).hexdigest()[:15], 16)
 
 
 def _row(request: GenerationRequest, i: int) -> str:

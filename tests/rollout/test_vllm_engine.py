@@ -149,10 +149,10 @@ def test_after_an_update_the_engine_samples_from_the_new_weights(engine, dm, set
     before = greedy(engine, module, batch)
     g = torch.Generator().manual_seed(0)
     trained = [(n, p) for n, p in module.backbone.model.named_parameters() if p.requires_grad]
-    for _, p in trained:
+    for name, p in trained:
         p.add_(
             torch.randn(p.shape, generator=g)
-            * (0.5 if "lora_B" in _ else 0.05)
+            * (0.5 if "lora_B" in name else 0.05)
             * p.abs().mean().clamp(min=0.1)
         )
     assert any("visual" in n for n, _ in trained) == ("vision" in settings)
