@@ -35,7 +35,7 @@ LAYERS = {
 # refusal of a second fit into it, --overwrite).
 # The preference samples table (issue 14, item 7): +65 (objectives/preference/base.py, the shared base of DPO,
 # MPO and the reward model, less their predict_step; the validation table writer shared with SFT).
-MAX_LINES, MAX_TOTAL = 300, 7531
+MAX_LINES, MAX_TOTAL = 300, 7530
 
 
 def _modules() -> dict[str, Path]:

@@ -61,7 +61,6 @@ class VLLMEngine(RolloutEngine):
             enforce_eager: No CUDA graphs (saves start-up time and memory on small runs).
             engine_kwargs: Anything else for ``vllm.LLM`` (overrides the above).
         """
-        self.max_images = max_images_per_prompt
         self.settings: dict[str, Any] = dict(
             dtype=dtype,
             max_model_len=max_model_len,
@@ -163,7 +162,7 @@ class VLLMEngine(RolloutEngine):
                     f"{len(row_images)} image(s) came with it"
                     + ("" if images is not None else " (the request carries no raw images)")
                 )
-            limit = self.max_images
+            limit = self.settings["limit_mm_per_prompt"]["image"]
             if len(row_images) > limit:
                 raise ValueError(
                     f"{_row(request, i)}: {len(row_images)} images, more than the engine's "

@@ -68,7 +68,6 @@ def test_online_objectives_train_through_the_vllm_engine(
         rollout = {"rewards": [{"class_path": "lightning_vlm.objectives.RewardModelReward",
                                 "init_args": {"path": str(rm_folder)}}]}  # fmt: skip
     model = {"class_path": f"lightning_vlm.objectives.{objective}", "init_args": init}
-    before = None
 
     cli = _run(recipe, tmp_path, synthetic_dir, model, rollout, steps=4)
     assert cli.trainer.global_step == 4
