@@ -9,9 +9,7 @@ import torch
 
 from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM, VLMBackbone
 from lightning_vlm.data import SFTDataModule
-from lightning_vlm.model.tiny import ensure_tiny_vlm
-
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava"]
+from lightning_vlm.model.tiny import FAMILIES, ensure_tiny_vlm
 
 
 def _batch(backbone: VLMBackbone, synthetic_dir, n: int = 4) -> dict:

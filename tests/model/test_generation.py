@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
+from lightning_vlm.model.tiny import FAMILIES
 from tests.helpers.online import NEW, B, G, prompt_batch, prompt_dm, sharpen
-
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava"]
 
 
 # ---------------------------------------------------------------- prompt once
