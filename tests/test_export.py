@@ -29,6 +29,8 @@ STOCK = {
     "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
     "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
     "llava": ("LlavaProcessor", None),
+    "qwen3_5": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+    "qwen3_5_moe": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
 }
 # The torchvision test venv (made by .ci/tv-venv; CI always has it).
 TV_PYTHON = Path(

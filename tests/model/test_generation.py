@@ -12,11 +12,14 @@ from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
 from lightning_vlm.model.tiny import FAMILIES
 from tests.helpers.online import NEW, B, G, prompt_batch, prompt_dm, sharpen
 
-
 # ---------------------------------------------------------------- prompt once
+# Seed 0's sharpened Qwen3.5 models answer both test prompts alike, whatever the image: too weak a check.
+SEEDS = {"qwen3_5": 1, "qwen3_5_moe": 1}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_g_samples_from_one_prefill_equal_plain_greedy(family, synthetic_dir):
-    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family, seed=SEEDS.get(family, 0))))
     bb.load()
     sharpen(bb.model)
     dm = prompt_dm(bb.processor, synthetic_dir)
@@ -46,7 +49,7 @@ def test_g_samples_from_one_prefill_equal_plain_greedy(family, synthetic_dir):
     assert torch.equal(one_with_features, greedy)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "qwen3_5"])
 def test_image_tokens_are_never_generated(family, synthetic_dir):
     bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
     bb.load()
