@@ -394,11 +394,16 @@ def test_vision_once_equals_images_per_sequence(family, vision, backbones, synth
 
 
 # ---------------------------------------------------------------- 4. prompt once
+# Seed 0's sharpened Qwen3.5 models answer both test prompts alike, whatever the image: too weak a check.
+PROMPT_ONCE_SEEDS = {"qwen3_5": 1, "qwen3_5_moe": 1}
+
+
 @pytest.mark.parametrize("family", cases("prompt_once"))
 def test_g_samples_from_one_prefill_equal_plain_greedy(family, synthetic_dir):
     from tests.helpers.online import NEW, B, G, prompt_batch, prompt_dm, sharpen
 
-    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))  # its own: sharpen changes the weights
+    spec = TinyVLM(family=family, seed=PROMPT_ONCE_SEEDS.get(family, 0))
+    bb = VLMBackbone(BackboneConfig(tiny=spec))  # its own: sharpen changes the weights
     bb.load()
     sharpen(bb.model)
     batch = prompt_batch(prompt_dm(bb.processor, synthetic_dir))  # one and two images
