@@ -38,7 +38,9 @@ LAYERS = {
 # Model families (issue 16): tiny.py became the tiny/ package, a builder module per family group: +27 for the
 # split (module docstrings and imports). Qwen3.5 and Qwen3.5-MoE: +62 (tiny/qwen35.py 59, the family table 1,
 # the cache repeat of prompt-once generation for linear-attention layers 2).
-MAX_LINES, MAX_TOTAL = 300, 7619
+# LLaVA-NeXT and LLaVA-OneVision (issue 16): +83 (tiny/llava_next.py 71; image-only processors keep the stock
+# processor's own settings, and OneVision's video processor, 9; the families' names 3).
+MAX_LINES, MAX_TOTAL = 300, 7702
 
 
 def _modules() -> dict[str, Path]:

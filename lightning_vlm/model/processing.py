@@ -33,6 +33,11 @@ def image_only_processor(stock_name: str) -> type:
             chat_template=chat_template, **kwargs,
         )  # fmt: skip
 
+    # The stock signature minus video_processor: ProcessorMixin saves (to_dict) and reloads the settings it
+    # names, such as LLaVA-OneVision's num_image_tokens.
+    sig = inspect.signature(stock.__init__)
+    kept = [p for n, p in sig.parameters.items() if n != "video_processor"]
+    __init__.__signature__ = sig.replace(parameters=kept)  # type: ignore[attr-defined]
     name = f"{_PREFIX}{stock_name}"
     cls = type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
     globals()[name] = cls  # findable by name, so processors pickle into spawned DataLoader workers
@@ -50,6 +55,7 @@ def __getattr__(name: str):
 # settings it shares with the image processor (frames are cut like images), for stock transformers to build.
 _VIDEO_PROCESSOR = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
                     "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}  # fmt: skip
+_VIDEO_PROCESSOR["LlavaOnevisionProcessor"] = "LlavaOnevisionVideoProcessor"
 _SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
            "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
 
@@ -110,4 +116,8 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     file = Path(path) / "chat_template.jinja"
     template = tokenizer.chat_template or (file.read_text() if file.is_file() else None)
-    return image_only_processor(name)(image_processor, tokenizer, chat_template=template)
+    cls = image_only_processor(name)
+    saved = stock.get_processor_dict(path)[0]  # the processor's own settings too (num_image_tokens, ...)
+    own = set(inspect.signature(cls).parameters) - {"image_processor", "tokenizer", "chat_template"}
+    settings = {k: v for k, v in saved.items() if k in own}
+    return cls(image_processor, tokenizer, chat_template=template, **settings)

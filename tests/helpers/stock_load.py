@@ -20,7 +20,8 @@ from transformers.utils import is_torchvision_available
 
 TEXT = "What colour is it?"
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXT}]}]
-VIDEO = "<|vision_start|><|video_pad|><|vision_end|>What happens?"
+VIDEO = {"<|video_pad|>": "<|vision_start|><|video_pad|><|vision_end|>What happens?",  # by video token
+         "<video>": "<video>What happens?"}  # fmt: skip
 SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size")
 
 
@@ -49,8 +50,11 @@ def load(folder: str, images: list[str], inputs: str | None) -> dict:
         saved = video_processor.to_dict(), processor.image_processor.to_dict()
         out["video_settings"], out["image_settings"] = ({k: d.get(k) for k in SETTINGS} for d in saved)
         frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
-        video = processor(text=[VIDEO], videos=[frames], do_sample_frames=False, return_tensors="pt")
-        out["video_grid_thw"] = video["video_grid_thw"]
+        text = VIDEO[processor.video_token]
+        video = processor(text=[text], videos=[frames], do_sample_frames=False, return_tensors="pt")
+        out["video_grid_thw"] = video.get("video_grid_thw")  # Qwen: patches; LLaVA-OneVision: frames
+        pixels = video["pixel_values_videos"]
+        out["video_frames"] = None if out["video_grid_thw"] is not None else pixels.shape[1]
     return out
 
 

@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import torch
 from transformers.utils import is_torchvision_available
 
 from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
@@ -22,3 +23,27 @@ def test_an_image_only_processor_without_a_known_video_processor_warns(monkeypat
         processing.save_processor(processor, tmp_path)
     cfg = json.loads((tmp_path / "processor_config.json").read_text())
     assert cfg["processor_class"] == "Qwen2VLProcessor" and "video_processor" not in cfg
+
+
+@pytest.mark.skipif(is_torchvision_available(), reason="with torchvision the processor is the stock one")
+def test_an_image_only_processor_saves_and_loads_its_own_settings():
+    """LLaVA-OneVision's processor counts an image's tokens from settings of its own (``num_image_tokens``,
+    ``vision_aspect_ratio``, ...): its image-only copy writes them to the folder and reads them back, so the
+    loaded processor expands images exactly as the one the folder was built from."""
+    from PIL import Image
+
+    from lightning_vlm.model.tiny import ensure_tiny_vlm
+    from lightning_vlm.model.tiny.llava_next import build
+
+    spec = TinyVLM(family="llava_onevision")
+    folder = ensure_tiny_vlm(spec)
+    cfg = json.loads((folder / "processor_config.json").read_text())
+    assert (cfg["num_image_tokens"], cfg["vision_aspect_ratio"]) == (16, "anyres_max_9")
+    loaded = VLMBackbone(BackboneConfig(model_name_or_path=str(folder))).processor
+    assert type(loaded).__name__ == "ImageOnlyLlavaOnevisionProcessor"
+    built = build(spec)[1]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = built.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image = Image.new("RGB", (90, 70), "red")
+    ours, theirs = (p(text=[text], images=[image], return_tensors="pt") for p in (built, loaded))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
