@@ -20,6 +20,17 @@ from transformers.utils import is_torchvision_available
 _PREFIX = "ImageOnly"
 
 
+class _NoVideo:
+    """The missing video processor: stock code that reads its settings unconditionally (SmolVLM's
+    ``apply_chat_template`` reads ``num_frames`` and ``fps``) reads None; processing a video is refused."""
+
+    def __getattr__(self, name: str):
+        return None
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("videos need the stock processor's video processor, which needs torchvision")
+
+
 @functools.cache
 def image_only_processor(stock_name: str) -> type:
     """The stock processor class ``stock_name`` minus its video processor."""
@@ -33,8 +44,15 @@ def image_only_processor(stock_name: str) -> type:
             chat_template=chat_template, **kwargs,
         )  # fmt: skip
 
+    # The stock signature minus the video processor: save_pretrained keeps only the settings it names
+    # (SmolVLM's image_seq_len, ...), and load_processor passes them back.
+    sig = inspect.signature(stock.__init__)
+    params = [p for n, p in sig.parameters.items() if n != "video_processor"]
+    __init__.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     name = f"{_PREFIX}{stock_name}"
-    cls = type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    attrs = {"__init__": __init__, "__module__": __name__, "__qualname__": name}
+    attrs["video_processor"] = _NoVideo()  # a class attribute: never saved with the processor's settings
+    cls = type(name, (stock,), attrs)
     globals()[name] = cls  # findable by name, so processors pickle into spawned DataLoader workers
     return cls
 
@@ -49,7 +67,7 @@ def __getattr__(name: str):
 # Each stock processor's video processor. Its class needs torchvision, so without it we write its name and the
 # settings it shares with the image processor (frames are cut like images), for stock transformers to build.
 _VIDEO_PROCESSOR = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}  # fmt: skip
+                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor", "SmolVLMProcessor": "SmolVLMVideoProcessor"}  # fmt: skip
 _SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
            "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
 
@@ -110,4 +128,9 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     file = Path(path) / "chat_template.jinja"
     template = tokenizer.chat_template or (file.read_text() if file.is_file() else None)
-    return image_only_processor(name)(image_processor, tokenizer, chat_template=template)
+    cls = image_only_processor(name)
+    saved = Path(path) / "processor_config.json"  # its own settings: SmolVLM's image_seq_len, ...
+    settings = json.loads(saved.read_text()) if saved.is_file() else {}
+    own = set(inspect.signature(cls).parameters) - {"image_processor", "tokenizer", "chat_template"}
+    kept = {k: v for k, v in settings.items() if k in own}
+    return cls(image_processor, tokenizer, chat_template=template, **kept)

@@ -46,7 +46,7 @@ def test_g_samples_from_one_prefill_equal_plain_greedy(family, synthetic_dir):
     assert torch.equal(one_with_features, greedy)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "smolvlm"])
 def test_image_tokens_are_never_generated(family, synthetic_dir):
     bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
     bb.load()
