@@ -48,9 +48,10 @@ def load(folder: str, images: list[str], inputs: str | None) -> dict:
         out["video_processor"] = type(video_processor).__name__
         saved = video_processor.to_dict(), processor.image_processor.to_dict()
         out["video_settings"], out["image_settings"] = ({k: d.get(k) for k in SETTINGS} for d in saved)
-        frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
-        video = processor(text=[VIDEO], videos=[frames], do_sample_frames=False, return_tensors="pt")
-        out["video_grid_thw"] = video["video_grid_thw"]
+        if getattr(processor, "video_token", None) == "<|video_pad|>":  # a Qwen-VL clip, as VIDEO writes it
+            frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
+            video = processor(text=[VIDEO], videos=[frames], do_sample_frames=False, return_tensors="pt")
+            out["video_grid_thw"] = video["video_grid_thw"]
     return out
 
 
