@@ -12,6 +12,16 @@ from lightning_vlm.model.tiny.common import text_sizes, train_tokenizer
 TILE, PATCH, SCALE = 56, 14, 2  # a tile of 4x4 patches, pixel-shuffled 2x2: 4 image tokens per tile
 GRID = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))  # SmolVLM's 6x6 tile markers
 EXTRA = ("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *GRID)
+# SmolVLM2's chat layout (transformers 5.24's DEFAULT_CHAT_TEMPLATE, videos left out), kept here so that the
+# folder does not change with the installed transformers: "User:<image>...<end_of_utterance>\nAssistant:".
+TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 def build(spec):
@@ -19,15 +29,12 @@ def build(spec):
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
     from lightning_vlm.model.processing import image_only_processor
 
     tokenizer = train_tokenizer(spec.vocab_size, extra=EXTRA)
     tokenizer.eos_token = "<end_of_utterance>"
-    tokenizer.chat_template = (
-        DEFAULT_CHAT_TEMPLATE  # SmolVLM2's: "User:<image>...<end_of_utterance>\nAssistant:"
-    )
+    tokenizer.chat_template = TEMPLATE
     text = text_sizes(spec, tokenizer)
     config = transformers.SmolVLMConfig(
         vision_config=dict(
@@ -51,7 +58,7 @@ def build(spec):
     )
     stock = PROCESSOR_MAPPING_NAMES["smolvlm"]  # the stock processor, minus its video half
     processor = image_only_processor(stock)(
-        image_processor, tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE,
+        image_processor, tokenizer, chat_template=TEMPLATE,
         image_seq_len=(TILE // PATCH) ** 2 // SCALE**2,
     )  # fmt: skip
     return config, processor
