@@ -18,19 +18,12 @@ from PIL import Image
 from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM, VLMBackbone
 from lightning_vlm.data import SFTDataModule
 from lightning_vlm.export import ExportHF
-from lightning_vlm.model.tiny import ensure_tiny_vlm
 from lightning_vlm.objectives import SFT
 from tests.helpers import stock_load
 
-# Per family: the stock processor and video processor a torchvision user's AutoProcessor must build.
-STOCK = {
-    "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
-    "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
-    "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
-    "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
-    "llava": ("LlavaProcessor", None),
-    "smolvlm": ("SmolVLMProcessor", "SmolVLMVideoProcessor"),
-}
+# The stock processor and video processor a torchvision user's AutoProcessor must build for the exports
+# (tiny Qwen2-VL runs); every family's own folder is checked the same way in tests/model/test_families.py.
+STOCK = ("Qwen2VLProcessor", "Qwen2VLVideoProcessor")
 # The torchvision test venv (made by .ci/tv-venv; CI always has it).
 TV_PYTHON = Path(
     os.environ.get("LIGHTNING_VLM_TV_PYTHON", Path(__file__).parents[1] / ".venv-tv" / "bin" / "python")
@@ -79,23 +72,16 @@ def _picture(width: int, height: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def stock_request(exports, tmp_path_factory):
-    """Every kind of folder we write (a tiny model of each family, both exports) as a request for
-    tests/helpers/stock_load.py, with what our own processor makes of the same images: one the image
-    processor keeps at its size, one it resizes; the exports' inputs for the trained model too."""
+    """Both exports as a request for tests/helpers/stock_load.py, with what our own processor makes of the
+    same images (one the image processor keeps at its size, one it resizes) and the trained model's logits."""
     root = tmp_path_factory.mktemp("stock")
-    folders = {f: ensure_tiny_vlm(TinyVLM(family=f)) for f in STOCK} | {
-        n: run[1] for n, run in exports.items()
-    }
+    folders = {n: run[1] for n, run in exports.items()}
     request, ours = {}, {}
     for name, folder in folders.items():
         processor = VLMBackbone(BackboneConfig(model_name_or_path=str(folder))).processor
         ip = processor.image_processor
-        if hasattr(ip, "merge_size"):  # Qwen: any multiple of the merged patch
-            side = ip.patch_size * ip.merge_size
-            kept = (4 * side, 3 * side)
-        else:  # LLaVA: its crop; SmolVLM: its longest edge (its global view is still resampled)
-            side = ip.crop_size["height"] if getattr(ip, "crop_size", None) else ip.size["longest_edge"]
-            kept = (side, side)
+        side = ip.patch_size * ip.merge_size
+        kept = (4 * side, 3 * side)
         images = [str(root / f"{name}-{i}.png") for i in range(2)]
         for path, size in zip(images, (kept, (90, 70)), strict=True):
             _picture(*size).save(path)
@@ -107,12 +93,10 @@ def stock_request(exports, tmp_path_factory):
             "image_outputs": [dict(ip(images=[Image.open(p)], return_tensors="pt")) for p in images],
             "token_ids": processor.tokenizer(stock_load.TEXT)["input_ids"],
         }
-        request[name] = {"folder": str(folder), "images": images, "inputs": None}
-        if name in exports:
-            request[name]["inputs"] = str(root / f"{name}-inputs.pt")
-            torch.save(ours[name]["outputs"][0], request[name]["inputs"])
-            with torch.no_grad():
-                ours[name]["logits"] = exports[name][0].backbone.model(**ours[name]["outputs"][0]).logits
+        request[name] = {"folder": str(folder), "images": images, "inputs": str(root / f"{name}-inputs.pt")}
+        torch.save(ours[name]["outputs"][0], request[name]["inputs"])
+        with torch.no_grad():
+            ours[name]["logits"] = exports[name][0].backbone.model(**ours[name]["outputs"][0]).logits
     (root / "request.json").write_text(json.dumps(request))
     return root, ours
 
@@ -151,21 +135,16 @@ def test_folders_load_in_stock_transformers_without_torchvision(stock_request, e
             "torchvision is installed here: test_folders_load_in_stock_transformers_with_torchvision covers it"
         )
     for name, got in result.items():
-        stock, video = STOCK.get(name, STOCK["qwen2_vl"])
         assert got["token_ids"] == ours[name]["token_ids"]
         for image_outputs, our_image_outputs in zip(
             got["image_outputs"], ours[name]["image_outputs"], strict=True
         ):
             _assert_same(image_outputs, our_image_outputs)
-        if video is None:  # a processor without a video half: the stock class, and our outputs exactly
-            assert got["processor"] == stock
-            for outputs, our_outputs in zip(got["outputs"], ours[name]["outputs"], strict=True):
-                _assert_same(outputs, our_outputs)
-        else:  # the video processor named in our folder, failing only on its torchvision import
-            assert got["processor_error"].startswith(f"ImportError: {video} requires the Torchvision library")
-        if name in exports:  # merged into plain weights, which stock AutoModelForImageTextToText loads
-            assert not (Path(exports[name][1]) / "adapter_config.json").exists()
-            assert torch.allclose(got["logits"], ours[name]["logits"], atol=1e-5)
+        # the video processor named in our folder, failing only on its torchvision import
+        assert got["processor_error"].startswith(f"ImportError: {STOCK[1]} requires the Torchvision library")
+        # merged into plain weights, which stock AutoModelForImageTextToText loads
+        assert not (Path(exports[name][1]) / "adapter_config.json").exists()
+        assert torch.allclose(got["logits"], ours[name]["logits"], atol=1e-5)
 
 
 def test_folders_load_in_stock_transformers_with_torchvision(stock_request):
@@ -183,15 +162,14 @@ def test_folders_load_in_stock_transformers_with_torchvision(stock_request):
         "torchvision": True, "transformers": transformers.__version__, "imported_lightning_vlm": False
     }  # fmt: skip
     for name, got in result.items():
-        stock, video = STOCK.get(name, STOCK["qwen2_vl"])
         assert "processor_error" not in got, got.get("processor_error")
-        assert (got["processor"], got.get("video_processor")) == (stock, video), name
+        assert (got["processor"], got.get("video_processor")) == STOCK, name
         (kept, resized), (our_kept, our_resized) = got["outputs"], ours[name]["outputs"]
-        _assert_same(kept, our_kept, pixel_atol=None if name == "smolvlm" else 1e-6)  # its global view resamples
+        _assert_same(kept, our_kept, pixel_atol=1e-6)
         _assert_same(resized, our_resized, pixel_atol=None)
-        if video is not None:  # frames are cut like images, and a 2-frame clip is one temporal patch
-            assert got["video_settings"] == got["image_settings"]
-            assert "video_grid_thw" not in got or got["video_grid_thw"][0, 0] == 1  # (Qwen-VL clips only)
+        # frames are cut like images, and a 2-frame clip is one temporal patch
+        assert got["video_settings"] == got["image_settings"]
+        assert got["video_grid_thw"][0, 0] == 1
 
 
 def test_export_adapters_only(synthetic_dir, tmp_path):

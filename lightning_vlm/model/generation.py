@@ -151,7 +151,9 @@ def _generate_from_prefill(model, input_ids, attention_mask, vision, G, features
     )
     name = "cache" if "cache" in out else "past_key_values"  # transformers' newer name, and its older one
     cache = out[name]
-    cache.batch_repeat_interleave(G)  # (B, ...) -> (B * G, ...), prompt i's copies adjacent
+    # (B, ...) -> (B * G, ...), prompt i's copies adjacent. reorder_cache, not batch_repeat_interleave: a
+    # linear-attention layer (Qwen3.5's Gated DeltaNet: conv and recurrent states) has only the former.
+    cache.reorder_cache(torch.arange(shape[0], device=input_ids.device).repeat_interleave(G))
     _repeat_rope_deltas(model, G)
     per_sequence = {k: v.repeat_interleave(G, dim=0) for k, v in _per_sequence(vision, shape).items()}
     return model.generate(

@@ -191,10 +191,13 @@ def plain_logps(model, dm, rollout, rows: list, temperature: float = 1.0) -> tor
 @torch.no_grad()
 def sharpen(model, factor: float = 4.0) -> None:
     """Scale the random weights up: the untrained tiny models otherwise repeat one token whatever the
-    prompt, and a greedy comparison would prove little."""
-    for p in model.parameters():
+    prompt, and a greedy comparison would prove little. A zero-centred norm (``x * (1 + weight)``, weight
+    0 at initialisation: Qwen3.5, Gemma) gets the same gain as the others' ``x * weight``."""
+    for name, p in model.named_parameters():
         if p.ndim >= 2:
             p.mul_(factor)
+        elif name.endswith("norm.weight") and not p.any():
+            p.fill_(factor - 1)
 
 
 def snapshot(module) -> dict[str, torch.Tensor]:

@@ -1,81 +1,14 @@
-"""Generation on the trainer's model: G samples from one prefill (prompt once, vision once), image
-tokens never generated, and the per-row seeded sampler."""
+"""Generation on the trainer's model: no deprecated argument from a prefill, and the per-row seeded sampler.
+Prompt once and image tokens never generated are checked for every family in tests/model/test_families.py."""
 
 from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 
 from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
-from lightning_vlm.model.tiny import FAMILIES
-from tests.helpers.online import NEW, B, G, prompt_batch, prompt_dm, sharpen
-
-
-# ---------------------------------------------------------------- prompt once
-@pytest.mark.parametrize("family", FAMILIES)
-def test_g_samples_from_one_prefill_equal_plain_greedy(family, synthetic_dir):
-    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
-    bb.load()
-    sharpen(bb.model)
-    dm = prompt_dm(bb.processor, synthetic_dir)
-    batch = prompt_batch(dm)  # one and two images
-    lengths = batch["attention_mask"].sum(1)
-    assert lengths.min() < lengths.max()  # left padding really happens
-    args = (batch["input_ids"], batch["attention_mask"], batch["vision"])
-    greedy = bb.generate(*args, max_new_tokens=NEW)  # stock generate, one row per prompt
-    assert greedy.shape == (B, NEW)
-    assert len({tuple(row) for row in greedy.tolist()}) > 1  # answers depend on the prompt...
-    other = {**batch["vision"], "pixel_values": batch["vision"]["pixel_values"].flip(0)}
-    assert not torch.equal(bb.generate(args[0], args[1], other, max_new_tokens=NEW), greedy)  # ...and image
-    calls: list[int] = []
-    hook = bb.vision_tower.register_forward_hook(lambda mod, a, out: calls.append(1))
-    try:
-        many = bb.generate(*args, max_new_tokens=NEW, do_sample=False, num_return_sequences=G)
-        assert len(calls) == 1  # the prefill encodes the images once, not G times
-        features = bb.encode_images(batch["vision"])
-        calls.clear()
-        with_features = bb.generate(*args, max_new_tokens=NEW, num_return_sequences=G, features=features)
-        one_with_features = bb.generate(*args, max_new_tokens=NEW, features=features)
-        assert calls == []  # the features replace the tower
-    finally:
-        hook.remove()
-    assert torch.equal(many, greedy.repeat_interleave(G, dim=0))
-    assert torch.equal(with_features, greedy.repeat_interleave(G, dim=0))
-    assert torch.equal(one_with_features, greedy)
-
-
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "smolvlm"])
-def test_image_tokens_are_never_generated(family, synthetic_dir):
-    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
-    bb.load()
-    dm = prompt_dm(bb.processor, synthetic_dir)
-    batch = prompt_batch(dm)
-    config = bb.model.config
-    vision_tokens = [t for t in (getattr(config, "image_token_id", None), getattr(config, "vision_start_token_id", None),
-                                 getattr(config, "vision_end_token_id", None)) if t is not None]  # fmt: skip
-    assert vision_tokens
-    plain = bb.tokenizer.convert_tokens_to_ids("red")
-    head = bb.model.get_output_embeddings()
-    bias = torch.zeros(head.weight.shape[0])
-    for rank, t in enumerate(vision_tokens):  # the vision tokens are the most likely of all...
-        bias[t] = 1e4 - rank
-    bias[plain] = 1e4 - 10  # ...then an ordinary token
-    head.bias = torch.nn.Parameter(bias, requires_grad=False)
-    try:
-        args = (batch["input_ids"], batch["attention_mask"], batch["vision"])
-        with torch.no_grad():
-            logits = bb.model(input_ids=args[0], attention_mask=args[1], **args[2]).logits[:, -1]
-        assert (logits.argmax(-1) == vision_tokens[0]).all()  # unsuppressed, the image token would win
-        greedy = bb.generate(*args, max_new_tokens=3)
-        sampled = bb.generate(
-            *args, max_new_tokens=3, do_sample=True, num_return_sequences=2, temperature=1e-3
-        )
-    finally:
-        head.bias = None
-    for out in (greedy, sampled):
-        assert (out == plain).all()
+from tests.helpers.online import NEW, B, G, prompt_batch, prompt_dm
 
 
 def test_generating_from_a_prefill_uses_no_deprecated_argument(synthetic_dir):

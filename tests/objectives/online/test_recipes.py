@@ -80,6 +80,7 @@ def test_typo_in_the_rollout_callback_fails_at_parse_time(tmp_path, synthetic_di
         ("qwen2vl_gspo.yaml", "qwen2_vl"),
         ("qwen2vl_grpo.yaml", "qwen2_vl"),
         ("qwen3vl_moe_gspo.yaml", "qwen3_vl_moe"),
+        ("qwen3_5_vl_gspo.yaml", "qwen3_5"),
     ],
 )
 def test_real_online_recipes_instantiate_against_a_saved_tiny_folder(recipe, family, tmp_path, synthetic_dir):
@@ -116,6 +117,8 @@ def test_real_online_recipes_instantiate_against_a_saved_tiny_folder(recipe, fam
     cli.model.configure_model()
     trainable = [n for n, p in cli.model.backbone.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    if family == "qwen3_5":  # the Gated-DeltaNet layers (three in four of a real checkpoint) get adapters too
+        assert any(".linear_attn.in_proj_qkv.lora_" in n for n in trainable)
     _check_group_size(cli.model, rollout)
     if family == "qwen3_vl_moe":
         assert loop.router_aux_coef == 0.001 and moe_layout(cli.model.backbone.model) is not None
