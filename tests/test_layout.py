@@ -38,7 +38,7 @@ LAYERS = {
 # Model families (issue 16): tiny.py became the tiny/ package, a builder module per family group: +27 for the
 # split (module docstrings and imports). Qwen3.5 and Qwen3.5-MoE: +62 (tiny/qwen35.py 59, the family table 1,
 # the cache repeat of prompt-once generation for linear-attention layers 2). SmolVLM: +92 (tiny/smolvlm.py 64;
-# image-only processors keep the stock settings and read a stub video processor 26; collation 3).
+# image-only processors keep the stock settings and read a stub video processor 23; collation 8, row checks -3).
 MAX_LINES, MAX_TOTAL = 300, 7711
 
 
