@@ -346,6 +346,34 @@ def test_real_recipe_instantiates_against_a_saved_tiny_folder(tmp_path, syntheti
     assert cli.trainer.accumulate_grad_batches == 4
 
 
+def test_smolvlm2_recipe_instantiates_against_the_saved_tiny_smolvlm_folder(tmp_path, synthetic_dir):
+    """zoo/smolvlm2_sft.yaml (SmolVLM2-2.2B-Instruct) parses and builds on the tiny smolvlm folder: LoRA on the
+    language model's projections only (the SigLIP tower has q/k/v_proj too: frozen), its tile size setting."""
+    folder = ensure_tiny_vlm(TinyVLM(family="smolvlm"))
+    cli = VLMCLI(
+        args=[
+            "--config", str(ROOT / "zoo" / "smolvlm2_sft.yaml"),
+            "--model.init_args.backbone.model_name_or_path", str(folder),
+            "--trainer.accelerator", "cpu",
+            "--trainer.precision", "32-true",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--data.init_args.train", str(synthetic_dir / "sft_train.jsonl"),
+            "--data.init_args.val", str(synthetic_dir / "sft_val.jsonl"),
+        ],
+        run=False,
+    )  # fmt: skip
+    backbone = cli.model.backbone
+    cli.model.configure_model()
+    trainable = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".text_model." in n for n in trainable)
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert any(getattr(m, "gradient_checkpointing", False) for m in backbone.model.modules())
+    assert backbone.processor.image_processor.size["longest_edge"] == 1152
+    assert backbone.model.config.model_type == "smolvlm"
+
+
 @pytest.mark.parametrize(
     "logger, produced",
     [

@@ -40,7 +40,9 @@ LAYERS = {
 # the cache repeat of prompt-once generation for linear-attention layers 2).
 # LLaVA-NeXT and LLaVA-OneVision (issue 16): +83 (tiny/llava_next.py 71; image-only processors keep the stock
 # processor's own settings, and OneVision's video processor, 9; the families' names 3).
-MAX_LINES, MAX_TOTAL = 300, 7702
+# SmolVLM: +92 (tiny/smolvlm.py 64;
+# image-only processors keep the stock settings and read a stub video processor 23; collation 8, row checks -3).
+MAX_LINES, MAX_TOTAL = 300, 7789
 
 
 def _modules() -> dict[str, Path]:

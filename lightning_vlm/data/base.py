@@ -208,15 +208,12 @@ class VLMDataModule(L.LightningDataModule):
                 raise BadRowError(f"row {row}: field {field!r}: message {k}, the assistant's reply, is empty")
 
     def token_length(self, text: str, images: list) -> int:
-        """Tokens of ``text`` once each image placeholder is expanded, without processing pixels."""
+        """Tokens of ``text`` once each image placeholder is expanded (without processing pixels where the
+        processor can count from image sizes)."""
         n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not images:
             return n
-        counts = image_token_counts(self.processor, images)
-        if counts is not None:
-            return n + sum(counts) - len(images)
-        rgb = [im.convert("RGB") for im in images]
-        return self.processor(text=[text], images=rgb, add_special_tokens=False)["input_ids"].shape[1]
+        return n + sum(image_token_counts(self.processor, images)) - len(images)
 
     def _collator(self, split: str):
         """The collate function of ``split`` (``train``, ``val``, ``test``, ``predict``, or a split scanned

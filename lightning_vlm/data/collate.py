@@ -55,31 +55,33 @@ def other_columns(rows: list[dict], consumed: tuple[str, ...]) -> dict[str, list
     return {k: [r.get(k) for r in rows] for k in rows[0] if k not in (*consumed, ROW, BASE)}
 
 
-def image_token_counts(processor, images: list) -> list[int] | None:
-    """Image tokens each image expands to, from its size alone (None if the processor cannot say)."""
+def image_token_counts(processor, images: list) -> list[int]:
+    """Tokens each image's placeholder expands to (image tokens and delimiters such as SmolVLM's tile
+    markers or Pixtral's row breaks), from its size where the processor can say, else by expanding it."""
     counter = getattr(processor, "_get_num_multimodal_tokens", None)
-    if counter is None or not images:
-        return None if counter is None else []
+    if counter is None:  # SmolVLM: the processor alone knows its layout; ask it, one image at a time
+        token = processor.image_token
+        return [
+            len(processor(text=[token], images=[im], add_special_tokens=False)["input_ids"][0])
+            for im in images
+        ]
+    if not images:
+        return []
     return list(counter(image_sizes=[(im.height, im.width) for im in images])["num_image_tokens"])
 
 
-def _label_mask(
-    processor, text: str, spans, expanded: list[int], row: int, counts: list[int] | None
-) -> list[bool]:
+def _label_mask(processor, text: str, spans, expanded: list[int], row: int, counts: list[int]) -> list[bool]:
     """Map character spans to the processor's (image-expanded) token sequence.
 
-    Each image placeholder in ``text`` becomes ``counts[i]`` image tokens (or, when the counts are
-    unknown, the whole run of image tokens, which needs placeholders separated by other tokens).
+    Each image placeholder in ``text`` becomes ``counts[i]`` tokens, image tokens among them.
     """
     tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     image_id = processor.image_token_id
     mask, p, i = [False] * len(expanded), 0, 0
     for tid, (a, b) in zip(tok["input_ids"], tok["offset_mapping"], strict=True):
         if tid == image_id:
-            end = p + counts[i] if counts is not None else p
-            while counts is None and end < len(expanded) and expanded[end] == image_id:
-                end += 1
-            if end == p or end > len(expanded) or any(t != image_id for t in expanded[p:end]):
+            end = p + counts[i]
+            if end > len(expanded) or expanded[p:end].count(image_id) == 0:
                 raise BadRowError(f"row {row}: image tokens do not line up with the processor's output")
             p, i = end, i + 1
             continue
@@ -130,10 +132,16 @@ def stack_blocks(blocks: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 
 def encode(processor, texts: list[str], images: list, **kwargs) -> dict[str, Any]:
-    """Run the processor on a batch; split text tensors from the one vision dict."""
+    """Run the processor on a batch; split text tensors from the one vision dict. ``images`` is the batch's
+    images in order; the processor gets each text's own list (SmolVLM's reads a flat list as one sample's)."""
+    per_text, start = [], 0
+    for text in texts:
+        n = text.count(processor.image_token)
+        per_text.append(images[start : start + n])
+        start += n
     enc = processor(
         text=texts,
-        images=images or None,
+        images=per_text if images else None,
         padding=True,
         add_special_tokens=False,
         return_tensors="pt",

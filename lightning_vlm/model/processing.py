@@ -20,6 +20,17 @@ from transformers.utils import is_torchvision_available
 _PREFIX = "ImageOnly"
 
 
+class _NoVideo:
+    """The missing video processor: stock code that reads its settings unconditionally (SmolVLM's
+    ``apply_chat_template`` reads ``num_frames`` and ``fps``) reads None; processing a video is refused."""
+
+    def __getattr__(self, name: str):
+        return None
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("videos need the stock processor's video processor, which needs torchvision")
+
+
 @functools.cache
 def image_only_processor(stock_name: str) -> type:
     """The stock processor class ``stock_name`` minus its video processor."""
@@ -39,7 +50,9 @@ def image_only_processor(stock_name: str) -> type:
     kept = [p for n, p in sig.parameters.items() if n != "video_processor"]
     __init__.__signature__ = sig.replace(parameters=kept)  # type: ignore[attr-defined]
     name = f"{_PREFIX}{stock_name}"
-    cls = type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    attrs = {"__init__": __init__, "__module__": __name__, "__qualname__": name}
+    attrs["video_processor"] = _NoVideo()  # a class attribute: never saved with the processor's settings
+    cls = type(name, (stock,), attrs)
     globals()[name] = cls  # findable by name, so processors pickle into spawned DataLoader workers
     return cls
 
@@ -54,7 +67,7 @@ def __getattr__(name: str):
 # Each stock processor's video processor. Its class needs torchvision, so without it we write its name and the
 # settings it shares with the image processor (frames are cut like images), for stock transformers to build.
 _VIDEO_PROCESSOR = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}  # fmt: skip
+                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor", "SmolVLMProcessor": "SmolVLMVideoProcessor"}  # fmt: skip
 _VIDEO_PROCESSOR["LlavaOnevisionProcessor"] = "LlavaOnevisionVideoProcessor"
 _SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
            "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip

@@ -25,8 +25,8 @@ def image_side_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Every weight that image features depend on, by name: the inner model minus its language model
     (the vision tower and the projector, e.g. LLaVA's ``multi_modal_projector``, with any adapters)."""
     inner = model.model
-    language = getattr(inner, "language_model", None)
-    if language is None:  # an unknown layout: everything, so that nothing is wrongly shared
+    language = inner.get_decoder()  # language_model (Qwen, LLaVA), text_model (SmolVLM)
+    if language is inner:  # an unknown layout: everything, so that nothing is wrongly shared
         return list(inner.named_parameters())
     skip = {id(p) for p in language.parameters()}
     return [(n, p) for n, p in inner.named_parameters() if id(p) not in skip]

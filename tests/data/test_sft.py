@@ -142,6 +142,40 @@ def test_multi_image_rows_and_image_in_second_turn(processor, tmp_path):
         assert tok.decode(ids[mask]) == f"1{END}green{END}"
 
 
+def test_tiled_images_with_their_markers_line_up_with_the_labels(tmp_path):
+    """SmolVLM (Idefics3 layout): each <image> expands to tiles framed by <fake_token_around_image> and
+    <row_i_col_j> markers plus a <global-img> view, and the processor takes each text's own images. Labels
+    are exactly the replies, also with two images side by side, an image in the second turn and no image."""
+    from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
+
+    processor = VLMBackbone(BackboneConfig(tiny=TinyVLM(family="smolvlm"))).processor
+    img = tmp_path / "img"
+    names = {
+        k: draw(img / f"{k}.png", size, (30, 160, 50)) for k, size in (("a", (56, 56)), ("b", (112, 80)))
+    }
+    rows = [
+        {"images": [names["a"]], "messages": [user("What colour is the shape?", 1), assistant("green")]},
+        {"images": [names["b"], names["a"]], "messages": [user("Which is bigger?", 2), assistant("first")]},
+        {"images": [], "messages": [user("Say red."), assistant("red")]},
+        {
+            "images": [names["b"]],
+            "messages": [user("How many?"), assistant("1"), user("Colour?", 1), assistant("green")],
+        },
+    ]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    batch = one_batch(datamodule(processor, path, batch_size=len(rows)))
+    tok = processor.tokenizer
+    end = "<end_of_utterance>"
+    replies = {0: f"green{end}", 1: f"first{end}", 2: f"red{end}", 3: f"1{end}green{end}"}
+    globals_ = tok.convert_tokens_to_ids("<global-img>")
+    for k, row in enumerate(batch["rows"]):
+        ids, mask = batch["input_ids"][k], batch["labels_mask"][k]
+        assert tok.decode(ids[mask]).replace(" ", "") == replies[row]  # "Assistant: green": " green" a token
+        assert int((ids == globals_).sum()) == len(rows[row]["images"])
+    tiles = 1 + 4  # a global view and 2 x 2 tiles (both images fill 112 px in their longer side)
+    assert batch["vision"]["pixel_values"].shape == (4, 2 * tiles, 3, 56, 56)  # per text, padded to 2 images
+
+
 # ---------------------------------------------------------------------- validation prompts
 
 

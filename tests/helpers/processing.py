@@ -8,13 +8,13 @@ from torch import nn
 
 def count_image_processing(monkeypatch, processor) -> list[int]:
     """Images handed to ``processor``'s image processor, one entry per call (its class's ``__call__``
-    is wrapped for the test)."""
+    is wrapped for the test); a list of each text's images counts its images."""
     seen: list[int] = []
     cls = type(processor.image_processor)
     call = cls.__call__
 
     def counted(self, images, *args, **kwargs):
-        seen.append(len(images))
+        seen.append(sum(len(im) if isinstance(im, list) else 1 for im in images))
         return call(self, images, *args, **kwargs)
 
     monkeypatch.setattr(cls, "__call__", counted)

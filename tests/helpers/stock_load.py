@@ -49,12 +49,13 @@ def load(folder: str, images: list[str], inputs: str | None) -> dict:
         out["video_processor"] = type(video_processor).__name__
         saved = video_processor.to_dict(), processor.image_processor.to_dict()
         out["video_settings"], out["image_settings"] = ({k: d.get(k) for k in SETTINGS} for d in saved)
-        frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
-        text = VIDEO[processor.video_token]
-        video = processor(text=[text], videos=[frames], do_sample_frames=False, return_tensors="pt")
-        out["video_grid_thw"] = video.get("video_grid_thw")  # Qwen: patches; LLaVA-OneVision: frames
-        pixels = video["pixel_values_videos"]
-        out["video_frames"] = None if out["video_grid_thw"] is not None else pixels.shape[1]
+        text = VIDEO.get(getattr(processor, "video_token", None))  # a clip where we know how to write one
+        if text is not None:
+            frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
+            video = processor(text=[text], videos=[frames], do_sample_frames=False, return_tensors="pt")
+            out["video_grid_thw"] = video.get("video_grid_thw")  # Qwen: patches; LLaVA-OneVision: frames
+            pixels = video["pixel_values_videos"]
+            out["video_frames"] = None if out["video_grid_thw"] is not None else pixels.shape[1]
     return out
 
 

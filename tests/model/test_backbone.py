@@ -276,3 +276,17 @@ def test_dropout_is_off_by_default_so_scoring_is_reproducible(lora, tmp_path, sy
     from lightning_vlm.objectives import DPO, GRPO, SFT
 
     assert not SFT.disable_dropout and DPO.disable_dropout and GRPO.disable_dropout
+
+
+def test_vision_is_frozen_finds_a_language_model_of_any_name():
+    """SmolVLM's language model is ``text_model``, not ``language_model``: LoRA on it alone leaves the image
+    side frozen (the policy and the reference may share image features), and adapters there do not count."""
+    from lightning_vlm.model.vision import image_side_parameters
+
+    lora = LoraSettings(r=4, target_modules=["q_proj", "v_proj"])  # the tower has them too, but is not adapted
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family="smolvlm"), lora=lora))
+    bb.load()
+    names = [n for n, _ in image_side_parameters(bb.model.base_model.model)]
+    assert names and not any("text_model" in n for n in names)
+    assert any("connector" in n for n in names)  # the projector is image side
+    assert bb.vision_is_frozen

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +48,25 @@ def test_an_image_only_processor_saves_and_loads_its_own_settings():
     image = Image.new("RGB", (90, 70), "red")
     ours, theirs = (p(text=[text], images=[image], return_tensors="pt") for p in (built, loaded))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.skipif(is_torchvision_available(), reason="with torchvision the processor is the stock one")
+def test_an_image_only_processor_keeps_the_stock_settings_and_renders_chats(tmp_path):
+    """SmolVLM's processor has its own setting (image_seq_len: image tokens per tile) and reads its video
+    processor's settings in apply_chat_template: the image-only processor saves the setting, loads it back,
+    and renders a chat without a video processor."""
+    folder = VLMBackbone(BackboneConfig(tiny=TinyVLM(family="smolvlm"))).path
+    cfg = json.loads((Path(folder) / "processor_config.json").read_text())
+    assert (
+        cfg["image_seq_len"] == 4
+        and cfg["video_processor"]["video_processor_type"] == "SmolVLMVideoProcessor"
+    )
+    processor = VLMBackbone(BackboneConfig(model_name_or_path=folder)).processor
+    assert type(processor).__name__ == "ImageOnlySmolVLMProcessor" and processor.image_seq_len == 4  # not 169
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    assert (
+        processor.apply_chat_template(chat, tokenize=False)
+        == "<|im_start|>User:<image>Colour?<end_of_utterance>\n"
+    )
+    with pytest.raises(ValueError, match="torchvision"):
+        processor.video_processor([])

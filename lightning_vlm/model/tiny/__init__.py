@@ -25,12 +25,14 @@ Family = Literal[
     "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava",
     "qwen3_5", "qwen3_5_moe",
     "llava_next", "llava_onevision",
+    "smolvlm",
 ]  # fmt: skip
 FAMILIES: tuple[str, ...] = get_args(Family)
 # Family -> the module (in this package) whose build(spec) makes its config and processor.
 BUILDERS = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "qwen3_vl_moe": "qwen", "llava": "llava"}
 BUILDERS |= {"qwen3_5": "qwen35", "qwen3_5_moe": "qwen35"}
 BUILDERS |= {"llava_next": "llava_next", "llava_onevision": "llava_next"}
+BUILDERS |= {"smolvlm": "smolvlm"}
 
 # Part of the cache key: bumped when the saved folder changes, so folders cached by older code are rebuilt
 # (2: the processor config holds the video processor that stock AutoProcessor needs).
