@@ -69,17 +69,20 @@ def _label_mask(
     """Map character spans to the processor's (image-expanded) token sequence.
 
     Each image placeholder in ``text`` becomes ``counts[i]`` image tokens (or, when the counts are
-    unknown, the whole run of image tokens, which needs placeholders separated by other tokens).
+    unknown, the whole run of image tokens, which needs placeholders separated by other tokens). The
+    processor's ``image_token_ids`` are the tokens of that run: the image token, and any delimiters the
+    processor adds around it (InternVL's ``<img>`` and ``</img>``).
     """
     tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     image_id = processor.image_token_id
+    run = set(getattr(processor, "image_token_ids", None) or ()) | {image_id}
     mask, p, i = [False] * len(expanded), 0, 0
     for tid, (a, b) in zip(tok["input_ids"], tok["offset_mapping"], strict=True):
         if tid == image_id:
             end = p + counts[i] if counts is not None else p
-            while counts is None and end < len(expanded) and expanded[end] == image_id:
+            while counts is None and end < len(expanded) and expanded[end] in run:
                 end += 1
-            if end == p or end > len(expanded) or any(t != image_id for t in expanded[p:end]):
+            if end == p or end > len(expanded) or any(t not in run for t in expanded[p:end]):
                 raise BadRowError(f"row {row}: image tokens do not line up with the processor's output")
             p, i = end, i + 1
             continue

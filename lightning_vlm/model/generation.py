@@ -23,7 +23,7 @@ def _per_sequence(vision: dict[str, Any], shape: tuple[int, ...]) -> dict[str, t
 
 
 def _repeat_rope_deltas(model: nn.Module, times: int) -> None:
-    """mRoPE models (Qwen2/2.5/3-VL) keep each prompt's position offset from the prefill; the G
+    """mRoPE models (Qwen2/2.5/3-VL, GLM-4.1V) keep each prompt's position offset from the prefill; the G
     copies of a prompt continue from the same offset."""
     for module in model.modules():
         deltas = getattr(module, "rope_deltas", None)

@@ -18,6 +18,7 @@ import transformers
 from transformers.utils import is_torchvision_available
 
 _PREFIX = "ImageOnly"
+_PARTS = ("image_processor", "tokenizer", "video_processor")  # a processor's sub-processors
 
 
 @functools.cache
@@ -33,6 +34,11 @@ def image_only_processor(stock_name: str) -> type:
             chat_template=chat_template, **kwargs,
         )  # fmt: skip
 
+    # The stock signature minus the video processor: to_dict saves the init settings it names (InternVL's
+    # image_seq_length), so the folder keeps them.
+    sig = inspect.signature(stock.__init__)
+    kept = [p for p in sig.parameters.values() if p.name != "video_processor"]
+    __init__.__signature__ = sig.replace(parameters=kept)  # type: ignore[attr-defined]
     name = f"{_PREFIX}{stock_name}"
     cls = type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
     globals()[name] = cls  # findable by name, so processors pickle into spawned DataLoader workers
@@ -50,6 +56,7 @@ def __getattr__(name: str):
 # settings it shares with the image processor (frames are cut like images), for stock transformers to build.
 _VIDEO_PROCESSOR = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
                     "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}  # fmt: skip
+_VIDEO_PROCESSOR |= {"InternVLProcessor": "InternVLVideoProcessor", "Glm4vProcessor": "Glm4vVideoProcessor"}
 _SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
            "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
 
@@ -110,4 +117,7 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     file = Path(path) / "chat_template.jinja"
     template = tokenizer.chat_template or (file.read_text() if file.is_file() else None)
-    return image_only_processor(name)(image_processor, tokenizer, chat_template=template)
+    # The stock processor's own init settings saved with it (InternVL's image_seq_length), sub-processors aside.
+    own = set(inspect.signature(stock.__init__).parameters) - {*_PARTS, "chat_template"}
+    saved = {k: v for k, v in stock.get_processor_dict(path)[0].items() if k in own}
+    return image_only_processor(name)(image_processor, tokenizer, chat_template=template, **saved)

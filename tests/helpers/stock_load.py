@@ -20,7 +20,7 @@ from transformers.utils import is_torchvision_available
 
 TEXT = "What colour is it?"
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXT}]}]
-VIDEO = "<|vision_start|><|video_pad|><|vision_end|>What happens?"
+VIDEO = "{video}What happens?"  # the processor's video placeholder in front
 SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size")
 
 
@@ -49,8 +49,9 @@ def load(folder: str, images: list[str], inputs: str | None) -> dict:
         saved = video_processor.to_dict(), processor.image_processor.to_dict()
         out["video_settings"], out["image_settings"] = ({k: d.get(k) for k in SETTINGS} for d in saved)
         frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
-        video = processor(text=[VIDEO], videos=[frames], do_sample_frames=False, return_tensors="pt")
-        out["video_grid_thw"] = video["video_grid_thw"]
+        text = VIDEO.format(video=processor.video_token)
+        video = processor(text=[text], videos=[frames], do_sample_frames=False, return_tensors="pt")
+        out["video_grid_thw"] = video.get("video_grid_thw")  # grid families (Qwen-VL, GLM-4.1V)
     return out
 
 

@@ -16,15 +16,18 @@ from tests.helpers.online import NEW, B, G, prompt_batch, prompt_dm, sharpen
 # ---------------------------------------------------------------- prompt once
 @pytest.mark.parametrize("family", FAMILIES)
 def test_g_samples_from_one_prefill_equal_plain_greedy(family, synthetic_dir):
-    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
-    bb.load()
-    sharpen(bb.model)
-    dm = prompt_dm(bb.processor, synthetic_dir)
-    batch = prompt_batch(dm)  # one and two images
+    for seed in range(3):  # a random model may favour one token whatever the prompt (GLM-4.1V at seed 0)
+        bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family, seed=seed)))
+        bb.load()
+        sharpen(bb.model)
+        dm = prompt_dm(bb.processor, synthetic_dir)
+        batch = prompt_batch(dm)  # one and two images
+        args = (batch["input_ids"], batch["attention_mask"], batch["vision"])
+        greedy = bb.generate(*args, max_new_tokens=NEW)  # stock generate, one row per prompt
+        if len({tuple(row) for row in greedy.tolist()}) > 1:
+            break
     lengths = batch["attention_mask"].sum(1)
     assert lengths.min() < lengths.max()  # left padding really happens
-    args = (batch["input_ids"], batch["attention_mask"], batch["vision"])
-    greedy = bb.generate(*args, max_new_tokens=NEW)  # stock generate, one row per prompt
     assert greedy.shape == (B, NEW)
     assert len({tuple(row) for row in greedy.tolist()}) > 1  # answers depend on the prompt...
     other = {**batch["vision"], "pixel_values": batch["vision"]["pixel_values"].flip(0)}

@@ -21,10 +21,11 @@ from typing import Literal, get_args
 
 import torch
 
-Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava"]
+Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl", "glm4v"]  # fmt: skip
 FAMILIES: tuple[str, ...] = get_args(Family)
 # Family -> the module (in this package) whose build(spec) makes its config and processor.
 BUILDERS = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "qwen3_vl_moe": "qwen", "llava": "llava"}
+BUILDERS |= {"internvl": "internvl", "glm4v": "glm4v"}
 
 # Part of the cache key: bumped when the saved folder changes, so folders cached by older code are rebuilt
 # (2: the processor config holds the video processor that stock AutoProcessor needs).
@@ -37,7 +38,7 @@ class TinyVLM:
 
     Args:
         family: Which Hugging Face model family to instantiate (``llava`` is a CLIP + Llama
-            LLaVA-style model).
+            LLaVA-style model, ``internvl`` InternVL3-style, ``glm4v`` GLM-4.1V).
         hidden_size: Width of the language model.
         num_layers: Decoder layers of the language model.
         num_heads: Attention heads of the language model (2 key/value heads).
@@ -46,10 +47,11 @@ class TinyVLM:
         vocab_size: Target size of the in-process BPE vocabulary.
         num_experts: Experts per MoE layer (MoE families only).
         min_pixels: Smallest image area the image processor resizes to.
-        max_pixels: Largest image area the image processor resizes to.
+        max_pixels: Largest image area the image processor resizes to (InternVL: tiles of 56x56 px
+            covering at most this area, plus a thumbnail tile).
         seed: Seed of the random initialisation.
         tie_word_embeddings: Share the LM head's weight with the input embeddings (as Qwen2-VL-2B
-            does); Qwen families only.
+            does); every family but ``llava``.
     """
 
     family: Family = "qwen2_vl"
