@@ -142,7 +142,7 @@ def test_multi_image_rows_and_image_in_second_turn(processor, tmp_path):
         assert tok.decode(ids[mask]) == f"1{END}green{END}"
 
 
-@pytest.mark.parametrize("counts", [True], ids=["counted"])
+@pytest.mark.parametrize("counts", [True, False], ids=["counted", "uncounted"])
 def test_image_delimiters_the_processor_adds_carry_no_label(counts, tmp_path, monkeypatch):
     """InternVL's processor turns each <IMG_CONTEXT> placeholder into <img>, the tiles' context tokens,
     </img>: the label mask steps over the whole run, whether the tokens per image are counted from its
