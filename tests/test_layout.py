@@ -38,8 +38,9 @@ LAYERS = {
 # Model families (issue 16): tiny.py became the tiny/ package, a builder module per family group: +27 for the
 # split (module docstrings and imports). InternVL and GLM-4.1V: +109 for their builders (tiny/internvl.py,
 # tiny/glm4v.py), +15 in the library (image-only processors keep the stock processor's own settings and save
-# InternVL's and GLM-4.1V's video processors; label masks take the processor's image delimiters).
-MAX_LINES, MAX_TOTAL = 300, 7681
+# InternVL's and GLM-4.1V's video processors; label masks take the processor's image delimiters), +5 so that
+# generation never emits GLM's image/video delimiters (config) nor InternVL's <img>, </img> (tokenizer).
+MAX_LINES, MAX_TOTAL = 300, 7686
 
 
 def _modules() -> dict[str, Path]:

@@ -49,15 +49,19 @@ def test_g_samples_from_one_prefill_equal_plain_greedy(family, synthetic_dir):
     assert torch.equal(one_with_features, greedy)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "internvl", "glm4v"])
 def test_image_tokens_are_never_generated(family, synthetic_dir):
     bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
     bb.load()
     dm = prompt_dm(bb.processor, synthetic_dir)
     batch = prompt_batch(dm)
     config = bb.model.config
-    vision_tokens = [t for t in (getattr(config, "image_token_id", None), getattr(config, "vision_start_token_id", None),
-                                 getattr(config, "vision_end_token_id", None)) if t is not None]  # fmt: skip
+    names = ("image_token_id", "vision_start_token_id", "vision_end_token_id", "image_start_token_id",
+             "image_end_token_id")  # fmt: skip
+    vision_tokens = [getattr(config, n) for n in names if getattr(config, n, None) is not None]
+    # InternVL's <img> and </img> are named by its tokenizer, not its config.
+    delimiters = ("start_image_token_id", "end_image_token_id")
+    vision_tokens += [getattr(bb.tokenizer, n) for n in delimiters if hasattr(bb.tokenizer, n)]
     assert vision_tokens
     plain = bb.tokenizer.convert_tokens_to_ids("red")
     head = bb.model.get_output_embeddings()
