@@ -42,7 +42,11 @@ LAYERS = {
 # processor's own settings, and OneVision's video processor, 9; the families' names 3).
 # SmolVLM: +92 (tiny/smolvlm.py 64;
 # image-only processors keep the stock settings and read a stub video processor 23; collation 8, row checks -3).
-MAX_LINES, MAX_TOTAL = 300, 7789
+# InternVL and GLM-4.1V: +109 for their builders (tiny/internvl.py,
+# tiny/glm4v.py), +15 in the library (image-only processors keep the stock processor's own settings and save
+# InternVL's and GLM-4.1V's video processors; label masks take the processor's image delimiters), +5 so that
+# generation never emits GLM's image/video delimiters (config) nor InternVL's <img>, </img> (tokenizer).
+MAX_LINES, MAX_TOTAL = 300, 7900
 
 
 def _modules() -> dict[str, Path]:

@@ -23,7 +23,7 @@ def _per_sequence(vision: dict[str, Any], shape: tuple[int, ...]) -> dict[str, t
 
 
 def _repeat_rope_deltas(model: nn.Module, times: int) -> None:
-    """mRoPE models (Qwen2/2.5/3-VL) keep each prompt's position offset from the prefill; the G
+    """mRoPE models (Qwen2/2.5/3-VL, GLM-4.1V) keep each prompt's position offset from the prefill; the G
     copies of a prompt continue from the same offset."""
     for module in model.modules():
         deltas = getattr(module, "rope_deltas", None)
@@ -33,12 +33,16 @@ def _repeat_rope_deltas(model: nn.Module, times: int) -> None:
 
 _VISION_TOKENS = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id")
 _VISION_TOKENS += ("vision_end_token_id", "boi_token_id", "eoi_token_id")
+_VISION_TOKENS += ("image_start_token_id", "image_end_token_id", "video_start_token_id", "video_end_token_id")
+# Delimiters that only the tokenizer names (InternVL's <img> and </img>).
+_TOKENIZER_VISION_TOKENS = ("start_image_token_id", "end_image_token_id")
 
 
-def _vision_token_ids(model: nn.Module) -> list[int]:
+def _vision_token_ids(model: nn.Module, tokenizer=None) -> list[int]:
     """Image placeholder and delimiter tokens: a completion that contained one would make the
     training forward expect image features that do not exist, so they are never sampled."""
     ids = {getattr(unwrap(model).config, name, None) for name in _VISION_TOKENS}
+    ids |= {getattr(tokenizer, name, None) for name in _TOKENIZER_VISION_TOKENS}
     return sorted(int(i) for i in ids if isinstance(i, int))
 
 
@@ -109,7 +113,7 @@ def generate(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
-        suppress_tokens=_vision_token_ids(model) or None,
+        suppress_tokens=_vision_token_ids(model, tokenizer) or None,
         **(dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}),
     )
     # generate() fills settings left at their defaults from the model's own config, so swap it out.

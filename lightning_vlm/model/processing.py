@@ -69,6 +69,7 @@ def __getattr__(name: str):
 _VIDEO_PROCESSOR = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
                     "Qwen3VLProcessor": "Qwen3VLVideoProcessor", "SmolVLMProcessor": "SmolVLMVideoProcessor"}  # fmt: skip
 _VIDEO_PROCESSOR["LlavaOnevisionProcessor"] = "LlavaOnevisionVideoProcessor"
+_VIDEO_PROCESSOR |= {"InternVLProcessor": "InternVLVideoProcessor", "Glm4vProcessor": "Glm4vVideoProcessor"}
 _SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
            "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
 

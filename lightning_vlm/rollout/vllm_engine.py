@@ -89,7 +89,8 @@ class VLLMEngine(RolloutEngine):
             everything = bool(backbone.adapter)
         self.backbone = backbone
         self.sleep = self.sleep and torch.cuda.is_available()
-        self._suppress = {t: -100.0 for t in _vision_token_ids(backbone.model)}  # vLLM's floor
+        vision_ids = _vision_token_ids(backbone.model, backbone.tokenizer)
+        self._suppress = {t: -100.0 for t in vision_ids}  # vLLM's floor
         self._image_token = _image_token_id(backbone.hf_config)
         self.sync_weights(backbone, everything=everything)
 

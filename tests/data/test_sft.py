@@ -176,6 +176,28 @@ def test_tiled_images_with_their_markers_line_up_with_the_labels(tmp_path):
     assert batch["vision"]["pixel_values"].shape == (4, 2 * tiles, 3, 56, 56)  # per text, padded to 2 images
 
 
+@pytest.mark.parametrize("counts", [True, False], ids=["counted", "uncounted"])
+def test_image_delimiters_the_processor_adds_carry_no_label(counts, tmp_path, monkeypatch):
+    """InternVL's processor turns each <IMG_CONTEXT> placeholder into <img>, the tiles' context tokens,
+    </img>: the label mask steps over the whole run, whether the tokens per image are counted from its
+    size or (a processor that cannot count) found in the processor's output."""
+    from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
+
+    processor = VLMBackbone(BackboneConfig(tiny=TinyVLM(family="internvl"))).processor
+    if not counts:
+        monkeypatch.setattr(processor, "_get_num_multimodal_tokens", None)
+    a, b = (draw(tmp_path / "img" / f"{k}.png", (112, 80), (30, 160, 50)) for k in "ab")
+    answers = ["first", "green"]
+    rows = [{"images": [a, b], "messages": [user("Which is green?", 2), assistant(answers[0])]},
+            {"images": [a], "messages": [user("What colour is it?", 1), assistant(answers[1])]}]  # fmt: skip
+    batch = one_batch(datamodule(processor, write_jsonl(tmp_path / "t.jsonl", rows), batch_size=2))
+    tok, start, end = processor.tokenizer, processor.start_image_token_id, processor.end_image_token_id
+    for k, row in enumerate(batch["rows"]):
+        ids, mask = batch["input_ids"][k], batch["labels_mask"][k]
+        assert tok.decode(ids[mask]) == answers[row] + END
+        assert (ids == start).sum() == (ids == end).sum() == len(rows[row]["images"])
+
+
 # ---------------------------------------------------------------------- validation prompts
 
 

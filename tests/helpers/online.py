@@ -18,6 +18,7 @@ from lightning_vlm.model.lora import unwrap
 from lightning_vlm.objectives import GRPO, OnlineObjective
 from lightning_vlm.objectives.online import OnlineSettings, loop
 from lightning_vlm.rollout import Rollout, RolloutCallback
+from tests.helpers.processing import tower_input
 
 B, G, NEW = 2, 4, 4  # prompts per batch, completions per prompt, max_new_tokens
 
@@ -210,7 +211,9 @@ def count_calls(module) -> dict[str, list]:
     reference copy's when it keeps one ((batch, length), grad on?)."""
     bb = module.backbone
     seen: dict[str, list] = {"tower": [], "lm": []}
-    bb.vision_tower.register_forward_hook(lambda mod, args, out: seen["tower"].append(args[0].shape[0]))
+    bb.vision_tower.register_forward_hook(
+        lambda mod, args, kw, out: seen["tower"].append(tower_input(args, kw).shape[0]), with_kwargs=True
+    )
 
     def lm(mod, args, kwargs):
         x = kwargs.get("inputs_embeds")

@@ -28,3 +28,8 @@ def count_tower_images(tower: nn.Module) -> list[int]:
         lambda mod, args, kwargs, out: seen.append(kwargs["grid_thw"].shape[0]), with_kwargs=True
     )
     return seen
+
+
+def tower_input(args: tuple, kwargs: dict):
+    """The pixels a vision tower's forward got: positionally (Qwen-VL, CLIP) or by keyword (InternVL)."""
+    return args[0] if args else kwargs["pixel_values"]

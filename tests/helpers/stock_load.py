@@ -21,7 +21,7 @@ from transformers.utils import is_torchvision_available
 TEXT = "What colour is it?"
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXT}]}]
 VIDEO = {"<|video_pad|>": "<|vision_start|><|video_pad|><|vision_end|>What happens?",  # by video token
-         "<video>": "<video>What happens?"}  # fmt: skip
+         "<video>": "<video>What happens?", "<|video|>": "<|video|>What happens?"}  # fmt: skip
 SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size")
 
 
@@ -54,8 +54,9 @@ def load(folder: str, images: list[str], inputs: str | None) -> dict:
             frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
             video = processor(text=[text], videos=[frames], do_sample_frames=False, return_tensors="pt")
             out["video_grid_thw"] = video.get("video_grid_thw")  # Qwen: patches; LLaVA-OneVision: frames
-            pixels = video["pixel_values_videos"]
-            out["video_frames"] = None if out["video_grid_thw"] is not None else pixels.shape[1]
+            pixels = video.get("pixel_values_videos")  # SmolVLM's "<video>" prompt wants its own layout: none
+            if pixels is not None:
+                out["video_frames"] = None if out["video_grid_thw"] is not None else pixels.shape[1]
     return out
 
 

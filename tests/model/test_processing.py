@@ -14,6 +14,7 @@ from transformers.utils import is_torchvision_available
 
 from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
 from lightning_vlm.model import processing
+from lightning_vlm.model.tiny import ensure_tiny_vlm
 
 
 @pytest.mark.skipif(is_torchvision_available(), reason="with torchvision the processor is the stock one")
@@ -70,3 +71,14 @@ def test_an_image_only_processor_keeps_the_stock_settings_and_renders_chats(tmp_
     )
     with pytest.raises(ValueError, match="torchvision"):
         processor.video_processor([])
+
+
+def test_an_image_only_processor_keeps_the_stock_processors_own_settings():
+    """InternVL's processor takes image_seq_length (context tokens per tile) besides its sub-processors: the
+    saved folder holds it, next to the video processor, and the processor loaded from the folder uses it."""
+    folder = ensure_tiny_vlm(TinyVLM(family="internvl"))
+    tokens = json.loads((folder / "config.json").read_text())["image_seq_length"]
+    cfg = json.loads((folder / "processor_config.json").read_text())
+    assert cfg["image_seq_length"] == tokens != 256  # not the stock default
+    assert cfg["video_processor"]["video_processor_type"] == "InternVLVideoProcessor"
+    assert VLMBackbone(BackboneConfig(model_name_or_path=str(folder))).processor.image_seq_length == tokens

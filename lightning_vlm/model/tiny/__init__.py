@@ -26,6 +26,7 @@ Family = Literal[
     "qwen3_5", "qwen3_5_moe",
     "llava_next", "llava_onevision",
     "smolvlm",
+    "internvl", "glm4v",
 ]  # fmt: skip
 FAMILIES: tuple[str, ...] = get_args(Family)
 # Family -> the module (in this package) whose build(spec) makes its config and processor.
@@ -33,6 +34,7 @@ BUILDERS = {"qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "qwen3_vl": "qwen", "qwen3
 BUILDERS |= {"qwen3_5": "qwen35", "qwen3_5_moe": "qwen35"}
 BUILDERS |= {"llava_next": "llava_next", "llava_onevision": "llava_next"}
 BUILDERS |= {"smolvlm": "smolvlm"}
+BUILDERS |= {"internvl": "internvl", "glm4v": "glm4v"}
 
 # Part of the cache key: bumped when the saved folder changes, so folders cached by older code are rebuilt
 # (2: the processor config holds the video processor that stock AutoProcessor needs).
@@ -45,7 +47,7 @@ class TinyVLM:
 
     Args:
         family: Which Hugging Face model family to instantiate (``llava`` is a CLIP + Llama
-            LLaVA-style model).
+            LLaVA-style model, ``internvl`` InternVL3-style, ``glm4v`` GLM-4.1V).
         hidden_size: Width of the language model.
         num_layers: Decoder layers of the language model.
         num_heads: Attention heads of the language model (2 key/value heads).
@@ -54,10 +56,11 @@ class TinyVLM:
         vocab_size: Target size of the in-process BPE vocabulary.
         num_experts: Experts per MoE layer (MoE families only).
         min_pixels: Smallest image area the image processor resizes to.
-        max_pixels: Largest image area the image processor resizes to.
+        max_pixels: Largest image area the image processor resizes to (InternVL: tiles of 56x56 px
+            covering at most this area, plus a thumbnail tile).
         seed: Seed of the random initialisation.
         tie_word_embeddings: Share the LM head's weight with the input embeddings (as Qwen2-VL-2B
-            does); Qwen families only.
+            does); every family but ``llava``.
     """
 
     family: Family = "qwen2_vl"
