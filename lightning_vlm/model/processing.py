@@ -20,21 +20,29 @@ from transformers.utils import is_torchvision_available
 _PREFIX = "ImageOnly"
 
 
+class _NoVideo(transformers.ProcessorMixin):
+    """Sits between a stock processor and ``ProcessorMixin``: drops the ``video_processor=None`` that a stock
+    ``__init__`` forwards by keyword (Gemma 4's; Qwen's forward it positionally, where it is dropped anyway)."""
+
+    def __init__(self, *args, video_processor=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
 @functools.cache
 def image_only_processor(stock_name: str) -> type:
     """The stock processor class ``stock_name`` minus its video processor."""
     stock = getattr(transformers, stock_name)
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # The stock __init__ forwards (image, tokenizer, video) positionally to ProcessorMixin, which
-        # zips them with this signature's attributes, so the missing video processor is dropped.
-        stock.__init__(
-            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-            chat_template=chat_template, **kwargs,
-        )  # fmt: skip
+    def __init__(self, *args, **kwargs):
+        stock.__init__(self, *args, video_processor=None, **kwargs)
 
+    # ProcessorMixin takes its sub-processors from this signature: the stock one, minus the video processor.
+    signature = inspect.signature(stock.__init__)
+    params = [p for name, p in signature.parameters.items() if name != "video_processor"]
+    __init__.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     name = f"{_PREFIX}{stock_name}"
-    cls = type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    body = {"__init__": __init__, "__module__": __name__, "__qualname__": name}
+    cls = type(name, (stock, _NoVideo), body)
     globals()[name] = cls  # findable by name, so processors pickle into spawned DataLoader workers
     return cls
 
@@ -49,7 +57,7 @@ def __getattr__(name: str):
 # Each stock processor's video processor. Its class needs torchvision, so without it we write its name and the
 # settings it shares with the image processor (frames are cut like images), for stock transformers to build.
 _VIDEO_PROCESSOR = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}  # fmt: skip
+                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor", "Gemma4Processor": "Gemma4VideoProcessor"}  # fmt: skip
 _SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
            "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
 
@@ -97,7 +105,7 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
         trust_remote_code: Allow custom code from the folder.
         **kwargs: Image-processor settings such as ``min_pixels`` / ``max_pixels``.
     """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
@@ -110,4 +118,10 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     file = Path(path) / "chat_template.jinja"
     template = tokenizer.chat_template or (file.read_text() if file.is_file() else None)
-    return image_only_processor(name)(image_processor, tokenizer, chat_template=template)
+    more = {}
+    if "feature_extractor" in inspect.signature(stock.__init__).parameters:  # the audio side (Gemma 4)
+        more["feature_extractor"] = AutoFeatureExtractor.from_pretrained(
+            path, trust_remote_code=trust_remote_code
+        )
+    cls = image_only_processor(name)
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **more)

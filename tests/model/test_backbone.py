@@ -145,9 +145,8 @@ def test_each_family_loads_from_saved_folder_and_trains_a_step(family, synthetic
     folder = ensure_tiny_vlm(TinyVLM(family=family))
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
     stock = json.loads((folder / "processor_config.json").read_text())["processor_class"]
-    assert stock == ("LlavaProcessor" if family == "llava" else "Qwen")[: len(stock)] or stock.startswith(
-        "Qwen"
-    )
+    own = {"llava": "LlavaProcessor", "gemma3": "Gemma3Processor", "gemma4": "Gemma4Processor"}
+    assert stock == own[family] if family in own else stock.startswith("Qwen")
     assert not stock.startswith("ImageOnly")  # users with torchvision get the family's own processor class
     torch.manual_seed(0)
     bb = VLMBackbone(BackboneConfig(model_name_or_path=str(folder), vision="train"))
@@ -348,6 +347,7 @@ def test_vision_once_equals_images_per_sequence(family, vision, synthetic_dir):
     trains even with a frozen tower), with half the patches through the tower."""
     from lightning_vlm.data import PreferenceDataModule
     from lightning_vlm.data.preference import PreferenceCollator
+    from lightning_vlm.model.vision import image_side_parameters
 
     torch.manual_seed(0)
     bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family), vision=vision))
@@ -362,7 +362,10 @@ def test_vision_once_equals_images_per_sequence(family, vision, synthetic_dir):
         PreferenceCollator(bb.processor, False)(rows),
     )
     fed: list[int] = []
-    bb.vision_tower.register_forward_hook(lambda mod, args, out: fed.append(args[0].shape[0]))
+    bb.vision_tower.register_forward_hook(  # Gemma's towers take their pixels by keyword
+        lambda mod, args, kwargs, out: fed.append((args or [kwargs.get("pixel_values")])[0].shape[0]),
+        with_kwargs=True,
+    )
     params = [p for p in bb.model.parameters() if p.requires_grad]
     results = []
     for batch in (once, per_seq):
@@ -376,7 +379,9 @@ def test_vision_once_equals_images_per_sequence(family, vision, synthetic_dir):
         assert (x is None) == (y is None)
         assert x is None or torch.allclose(x, y, atol=1e-5, rtol=1e-4)
     assert len(fed) == 2 and 2 * fed[0] == fed[1]
-    assert bb.vision_is_frozen == (vision == "frozen" and family != "llava")  # LLaVA's projector trains
+    tower = {id(p) for p in bb.vision_tower.parameters()}
+    projector = any(id(p) not in tower for _, p in image_side_parameters(bb.model))  # LLaVA's, Gemma's
+    assert bb.vision_is_frozen == (vision == "frozen" and not projector)  # a projector outside the tower trains
 
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4, dropout=0.5)], ids=["full", "lora"])

@@ -46,22 +46,22 @@ def test_g_samples_from_one_prefill_equal_plain_greedy(family, synthetic_dir):
     assert torch.equal(one_with_features, greedy)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3", "gemma4"])
 def test_image_tokens_are_never_generated(family, synthetic_dir):
     bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))
     bb.load()
     dm = prompt_dm(bb.processor, synthetic_dir)
     batch = prompt_batch(dm)
     config = bb.model.config
-    vision_tokens = [t for t in (getattr(config, "image_token_id", None), getattr(config, "vision_start_token_id", None),
-                                 getattr(config, "vision_end_token_id", None)) if t is not None]  # fmt: skip
+    names = ("image_token_id", "vision_start_token_id", "vision_end_token_id", "boi_token_id", "eoi_token_id")
+    vision_tokens = [t for t in (getattr(config, n, None) for n in names) if t is not None]
     assert vision_tokens
     plain = bb.tokenizer.convert_tokens_to_ids("red")
     head = bb.model.get_output_embeddings()
     bias = torch.zeros(head.weight.shape[0])
     for rank, t in enumerate(vision_tokens):  # the vision tokens are the most likely of all...
-        bias[t] = 1e4 - rank
-    bias[plain] = 1e4 - 10  # ...then an ordinary token
+        bias[t] = 20.0 - rank  # (moderate: Gemma's logit soft-capping at 30 would flatten 1e4s into ties)
+    bias[plain] = 10.0  # ...then an ordinary token
     head.bias = torch.nn.Parameter(bias, requires_grad=False)
     try:
         args = (batch["input_ids"], batch["attention_mask"], batch["vision"])
