@@ -216,7 +216,7 @@ class VLMDataModule(L.LightningDataModule):
         if counts is not None:
             return n + sum(counts) - len(images)
         rgb = [im.convert("RGB") for im in images]
-        return self.processor(text=[text], images=rgb, add_special_tokens=False)["input_ids"].shape[1]
+        return len(self.processor(text=[text], images=[rgb], add_special_tokens=False)["input_ids"][0])
 
     def _collator(self, split: str):
         """The collate function of ``split`` (``train``, ``val``, ``test``, ``predict``, or a split scanned

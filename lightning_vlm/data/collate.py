@@ -8,6 +8,7 @@ the processor returned besides the text tensors (``pixel_values``, ``image_grid_
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -56,11 +57,26 @@ def other_columns(rows: list[dict], consumed: tuple[str, ...]) -> dict[str, list
 
 
 def image_token_counts(processor, images: list) -> list[int] | None:
-    """Image tokens each image expands to, from its size alone (None if the processor cannot say)."""
+    """Image tokens each image expands to, from its size alone (None if the processor cannot say, or if its
+    expansion holds more than those tokens: Gemma's begin/end-of-image tokens and newlines)."""
     counter = getattr(processor, "_get_num_multimodal_tokens", None)
-    if counter is None or not images:
-        return None if counter is None else []
+    if counter is None or not _expands_to_image_tokens_only(processor):
+        return None
+    if not images:
+        return []
     return list(counter(image_sizes=[(im.height, im.width) for im in images])["num_image_tokens"])
+
+
+@functools.lru_cache(maxsize=16)
+def _expands_to_image_tokens_only(processor) -> bool:
+    """One probe per processor: does a lone placeholder become exactly the image tokens it counts?"""
+    from PIL import Image
+
+    if getattr(processor, "image_token", None) is None:
+        return False
+    image = [[Image.new("RGB", (64, 64))]]
+    ids = processor(text=[processor.image_token], images=image, add_special_tokens=False)["input_ids"][0]
+    return len(ids) == processor._get_num_multimodal_tokens(image_sizes=[(64, 64)])["num_image_tokens"][0]
 
 
 def _label_mask(
@@ -83,7 +99,7 @@ def _label_mask(
     full = "".join(pieces) + text[last:]
 
     def moved(x: int) -> int:
-        return x + max(off for at, off in shift if at <= x)
+        return x + [off for at, off in shift if at <= x][-1]
 
     spans = [(moved(s), moved(e)) for s, e in spans]
     tok = processor.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -142,7 +158,9 @@ def encode(processor, texts: list[str], images: list, replacements: bool = False
     """Run the processor on a batch; split text tensors from the one vision dict. ``replacements``: also keep
     where each image placeholder's expansion sits in each text, for :func:`label_masks`."""
     counts = [t.count(processor.image_token) for t in texts]
-    if images and sum(counts) == len(images):  # one list per text: Gemma's processors need it, others flatten it
+    if images and sum(counts) == len(
+        images
+    ):  # one list per text: Gemma's processors need it, others flatten it
         it = iter(images)
         images = [[next(it) for _ in range(n)] for n in counts]
     enc = processor(
