@@ -1,7 +1,7 @@
 """Tiny Gemma 3 (SigLIP tower, pooled projector; an image is ``<start_of_image>``, expanded by the processor
 to begin/end-of-image tokens around its soft tokens) and Gemma 4 (its own tower with 2-D patch positions;
-an image is ``<|image|>``). Both: sliding-window and full-attention layers, final logit soft-capping, and
-bidirectional attention within each image's tokens (``token_type_ids`` / ``mm_token_type_ids``)."""
+an image is ``<|image|>``). Both: sliding-window and full-attention layers, bidirectional attention within
+each image's tokens (``token_type_ids`` / ``mm_token_type_ids``); Gemma 4 also final logit soft-capping."""
 
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ def build(spec):
     head_dim = spec.hidden_size // spec.num_heads
     text = text_sizes(spec, tokenizer)
     text.update(head_dim=head_dim, sliding_window=32, layer_types=["sliding_attention", "full_attention"])
-    text.update(final_logit_softcapping=30.0)  # google/gemma-2 and -4's value; exercises token_logps' capping
     vision = dict(hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
                   num_hidden_layers=spec.vision_depth, num_attention_heads=2)  # fmt: skip
     if spec.family == "gemma3":
@@ -77,6 +76,8 @@ def build(spec):
     # Per-layer input embeddings (PLE) at toy width; vision tokens attend to each other both ways.
     text.update(hidden_size_per_layer_input=16, vocab_size_per_layer_input=len(tokenizer))
     text.update(use_bidirectional_attention="vision", global_head_dim=head_dim)
+    # Gemma 4 caps its logits (Gemma3ForConditionalGeneration ignores the setting, and gemma-3 leaves it unset).
+    text.update(final_logit_softcapping=30.0)
     vision.update(num_key_value_heads=2, head_dim=spec.vision_hidden_size // 2, patch_size=8)
     vision.update(position_embedding_size=64)
     config = transformers.Gemma4Config(
