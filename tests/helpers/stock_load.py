@@ -49,8 +49,11 @@ def load(folder: str, images: list[str], inputs: str | None) -> dict:
         saved = video_processor.to_dict(), processor.image_processor.to_dict()
         out["video_settings"], out["image_settings"] = ({k: d.get(k) for k in SETTINGS} for d in saved)
         frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
-        video = processor(text=[VIDEO], videos=[frames], do_sample_frames=False, return_tensors="pt")
-        out["video_grid_thw"] = video["video_grid_thw"]
+        text = VIDEO if processor.video_token in VIDEO else f"{processor.video_token}What happens?"  # Gemma 4's
+        video = processor(text=[text], videos=[frames], do_sample_frames=False, return_tensors="pt")
+        out["video_keys"] = sorted(video.keys())
+        if "video_grid_thw" in video:  # Qwen's
+            out["video_grid_thw"] = video["video_grid_thw"]
     return out
 
 
