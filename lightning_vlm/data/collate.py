@@ -157,10 +157,10 @@ def stack_blocks(blocks: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 def encode(processor, texts: list[str], images: list, replacements: bool = False, **kwargs) -> dict[str, Any]:
     """Run the processor on a batch; split text tensors from the one vision dict. ``replacements``: also keep
     where each image placeholder's expansion sits in each text, for :func:`label_masks`."""
-    counts = [t.count(processor.image_token) for t in texts]
-    if images and sum(counts) == len(
-        images
-    ):  # one list per text: Gemma's processors need it, others flatten it
+    # The images as one list per text: Gemma's processors need it, the others flatten it.
+    token = getattr(processor, "image_token", None)
+    counts = [t.count(token) for t in texts] if token else []
+    if images and sum(counts) == len(images):
         it = iter(images)
         images = [[next(it) for _ in range(n)] for n in counts]
     enc = processor(

@@ -20,12 +20,17 @@ from transformers.utils import is_torchvision_available
 _PREFIX = "ImageOnly"
 
 
-class _NoVideo(transformers.ProcessorMixin):
-    """Sits between a stock processor and ``ProcessorMixin``: drops the ``video_processor=None`` that a stock
-    ``__init__`` forwards by keyword (Gemma 4's; Qwen's forward it positionally, where it is dropped anyway)."""
+@functools.cache
+def _no_video() -> type:
+    """A class to sit between a stock processor and ``ProcessorMixin``: it drops the ``video_processor=None``
+    that a stock ``__init__`` forwards by keyword (Gemma 4's; Qwen's forward it positionally, where it is
+    dropped anyway). Made on first use: ``ProcessorMixin`` imports the model code, which ``--help`` avoids."""
 
-    def __init__(self, *args, video_processor=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    class _NoVideo(transformers.ProcessorMixin):
+        def __init__(self, *args, video_processor=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    return _NoVideo
 
 
 @functools.cache
@@ -42,7 +47,7 @@ def image_only_processor(stock_name: str) -> type:
     __init__.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     name = f"{_PREFIX}{stock_name}"
     body = {"__init__": __init__, "__module__": __name__, "__qualname__": name}
-    cls = type(name, (stock, _NoVideo), body)
+    cls = type(name, (stock, _no_video()), body)
     globals()[name] = cls  # findable by name, so processors pickle into spawned DataLoader workers
     return cls
 
@@ -118,10 +123,8 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     file = Path(path) / "chat_template.jinja"
     template = tokenizer.chat_template or (file.read_text() if file.is_file() else None)
-    more = {}
+    parts = {"image_processor": image_processor, "tokenizer": tokenizer, "chat_template": template}
     if "feature_extractor" in inspect.signature(stock.__init__).parameters:  # the audio side (Gemma 4)
-        more["feature_extractor"] = AutoFeatureExtractor.from_pretrained(
-            path, trust_remote_code=trust_remote_code
-        )
-    cls = image_only_processor(name)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **more)
+        extractor = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        parts["feature_extractor"] = extractor
+    return image_only_processor(name)(**parts)
