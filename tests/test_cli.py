@@ -374,6 +374,36 @@ def test_smolvlm2_recipe_instantiates_against_the_saved_tiny_smolvlm_folder(tmp_
     assert backbone.model.config.model_type == "smolvlm"
 
 
+def test_gemma3_sft_recipe_instantiates_against_a_local_gemma3_folder(tmp_path, synthetic_dir):
+    """zoo/gemma3_sft.yaml parses and builds on a saved tiny Gemma 3 in place of google/gemma-3-4b-it: LoRA on
+    the language model's projections only (SigLIP and the projector frozen), checkpointing, bf16 weights."""
+    folder = ensure_tiny_vlm(TinyVLM(family="gemma3"))
+    cli = VLMCLI(
+        args=[
+            "--config", str(ROOT / "zoo" / "gemma3_sft.yaml"),
+            "--model.init_args.backbone.model_name_or_path", str(folder),
+            "--trainer.accelerator", "cpu",
+            "--trainer.precision", "32-true",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--data.init_args.train", str(synthetic_dir / "sft_train.jsonl"),
+            "--data.init_args.val", str(synthetic_dir / "sft_val.jsonl"),
+        ],
+        run=False,
+    )  # fmt: skip
+    backbone = cli.model.backbone
+    cli.model.configure_model()
+    assert type(backbone.model.get_base_model()).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(backbone.processor).__name__ == "Gemma3Processor"
+    trainable = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert any(getattr(m, "gradient_checkpointing", False) for m in backbone.model.modules())
+    assert next(p for n, p in backbone.model.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+    assert cli.trainer.accumulate_grad_batches == 4
+
+
 @pytest.mark.parametrize(
     "logger, produced",
     [

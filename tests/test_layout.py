@@ -46,7 +46,9 @@ LAYERS = {
 # tiny/glm4v.py), +15 in the library (image-only processors keep the stock processor's own settings and save
 # InternVL's and GLM-4.1V's video processors; label masks take the processor's image delimiters), +5 so that
 # generation never emits GLM's image/video delimiters (config) nor InternVL's <img>, </img> (tokenizer).
-MAX_LINES, MAX_TOTAL = 300, 7900
+# Gemma 3 and Gemma 4: +153 (tiny/gemma.py 106; label masks from the processor's own replacement offsets,
+# images per text, the feature extractor of Gemma 4's processor, a builder's init hook).
+MAX_LINES, MAX_TOTAL = 300, 8050
 
 
 def _modules() -> dict[str, Path]:

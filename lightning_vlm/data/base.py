@@ -213,7 +213,11 @@ class VLMDataModule(L.LightningDataModule):
         n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not images:
             return n
-        return n + sum(image_token_counts(self.processor, images)) - len(images)
+        counts = image_token_counts(self.processor, images)
+        if counts is not None and len(images) == 1:  # several: LLaVA-OneVision expands them differently together
+            return n + sum(counts) - len(images)
+        rgb = [im.convert("RGB") for im in images]
+        return len(self.processor(text=[text], images=[rgb], add_special_tokens=False)["input_ids"][0])
 
     def _collator(self, split: str):
         """The collate function of ``split`` (``train``, ``val``, ``test``, ``predict``, or a split scanned

@@ -8,6 +8,7 @@ the processor returned besides the text tensors (``pixel_values``, ``image_grid_
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -55,53 +56,73 @@ def other_columns(rows: list[dict], consumed: tuple[str, ...]) -> dict[str, list
     return {k: [r.get(k) for r in rows] for k in rows[0] if k not in (*consumed, ROW, BASE)}
 
 
-def image_token_counts(processor, images: list) -> list[int]:
-    """Tokens each image's placeholder expands to (image tokens and delimiters such as SmolVLM's tile
-    markers or Pixtral's row breaks), from its size where the processor can say, else by expanding it."""
+def image_token_counts(processor, images: list) -> list[int] | None:
+    """Image tokens each image expands to, from its size alone (None if the processor cannot say, or if its
+    expansion holds more than those tokens: Gemma's begin/end-of-image tokens and newlines)."""
     counter = getattr(processor, "_get_num_multimodal_tokens", None)
-    if counter is None:  # SmolVLM: the processor alone knows its layout; ask it, one image at a time
-        token = processor.image_token
-        return [
-            len(processor(text=[token], images=[im], add_special_tokens=False)["input_ids"][0])
-            for im in images
-        ]
+    if counter is None or not _expands_to_image_tokens_only(processor):
+        return None
     if not images:
         return []
     return list(counter(image_sizes=[(im.height, im.width) for im in images])["num_image_tokens"])
 
 
-def _label_mask(processor, text: str, spans, expanded: list[int], row: int, counts: list[int]) -> list[bool]:
-    """Map character spans to the processor's (image-expanded) token sequence.
+@functools.lru_cache(maxsize=16)
+def _expands_to_image_tokens_only(processor) -> bool:
+    """One probe per processor: does a lone placeholder become exactly the image tokens it counts?"""
+    from PIL import Image
 
-    Each image placeholder in ``text`` becomes ``counts[i]`` tokens, image tokens among them.
+    if getattr(processor, "image_token", None) is None:
+        return False
+    image = [[Image.new("RGB", (64, 64))]]
+    ids = processor(text=[processor.image_token], images=image, add_special_tokens=False)["input_ids"][0]
+    return len(ids) == processor._get_num_multimodal_tokens(image_sizes=[(64, 64)])["num_image_tokens"][0]
+
+
+def _label_mask(
+    processor, text: str, spans, expanded: list[int], row: int, replacements: list[dict]
+) -> list[bool]:
+    """Map character spans of ``text`` to the processor's (image-expanded) token sequence.
+
+    ``replacements`` (the processor's ``text_replacement_offsets``) says where each image placeholder's
+    expansion sits in the text the processor tokenised: a run of image tokens (Qwen, LLaVA) or one with
+    other tokens around it (Gemma 3's newlines and begin/end-of-image tokens). That text is tokenised
+    with offsets; spans move with the expansions before them; tokens of an expansion are never labels.
     """
-    tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    image_id = processor.image_token_id
-    mask, p, i = [False] * len(expanded), 0, 0
-    for tid, (a, b) in zip(tok["input_ids"], tok["offset_mapping"], strict=True):
-        if tid == image_id:
-            end = p + counts[i]
-            if end > len(expanded) or expanded[p:end].count(image_id) == 0:
-                raise BadRowError(f"row {row}: image tokens do not line up with the processor's output")
-            p, i = end, i + 1
-            continue
-        if p >= len(expanded) or expanded[p] != tid:
-            raise BadRowError(f"row {row}: tokenisation differs from the processor's output at token {p}")
-        mask[p] = b > a and any(s <= a and b <= e for s, e in spans)
-        p += 1
-    if p != len(expanded):
-        raise BadRowError(f"row {row}: processor output has {len(expanded) - p} unexpected trailing tokens")
-    return mask
+    pieces, expansions, last, shift = [], [], 0, [(0, 0)]  # shift: (position in text, offset from then on)
+    for r in replacements:
+        (a, b), (na, nb) = r["span"], r["new_span"]
+        pieces += [text[last:a], r["replacement"]]
+        expansions.append((na, nb))
+        shift.append((b, shift[-1][1] + (nb - na) - (b - a)))
+        last = b
+    full = "".join(pieces) + text[last:]
+
+    def moved(x: int) -> int:
+        return x + [off for at, off in shift if at <= x][-1]
+
+    spans = [(moved(s), moved(e)) for s, e in spans]
+    tok = processor.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ours = tok["input_ids"]
+    if ours != expanded:
+        at = next((i for i, (x, y) in enumerate(zip(ours, expanded, strict=False)) if x != y), len(ours))
+        raise BadRowError(f"row {row}: tokenisation differs from the processor's output at token {at}")
+    return [
+        b > a and any(s <= a and b <= e for s, e in spans) and not any(na <= a < nb for na, nb in expansions)
+        for a, b in tok["offset_mapping"]
+    ]
 
 
-def label_masks(processor, batch: dict, texts: list[str], spans: list, counts: list, rows: list[int]):
-    """(N, T) bool: True on the tokens of each sequence's assistant spans (left padding allowed)."""
+def label_masks(processor, batch: dict, texts: list[str], spans: list, rows: list[int]):
+    """(N, T) bool: True on the tokens of each sequence's assistant spans (left padding allowed). Takes
+    ``batch["replacements"]`` (from :func:`encode` with ``replacements=True``) out of the batch."""
     masks = []
+    replacements = batch.pop("replacements")
     for k, row in enumerate(rows):
         am = batch["attention_mask"][k].bool()
         ids = batch["input_ids"][k][am].tolist()
         row_mask = torch.zeros_like(am)
-        row_mask[am] = torch.tensor(_label_mask(processor, texts[k], spans[k], ids, row, counts[k]))
+        row_mask[am] = torch.tensor(_label_mask(processor, texts[k], spans[k], ids, row, replacements[k]))
         masks.append(row_mask)
     return torch.stack(masks)
 
@@ -123,6 +144,8 @@ def stack_blocks(blocks: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in blocks]),
         "vision": {},
     }
+    if "replacements" in first:
+        out["replacements"] = [r for b in blocks for r in b["replacements"]]
     for key, value in first["vision"].items():
         if isinstance(value, torch.Tensor) and value.shape[:2] == first["input_ids"].shape:  # per sequence
             out["vision"][key] = torch.cat([pad(b["vision"][key], 0) for b in blocks])
@@ -131,23 +154,27 @@ def stack_blocks(blocks: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return out
 
 
-def encode(processor, texts: list[str], images: list, **kwargs) -> dict[str, Any]:
-    """Run the processor on a batch; split text tensors from the one vision dict. ``images`` is the batch's
-    images in order; the processor gets each text's own list (SmolVLM's reads a flat list as one sample's)."""
-    per_text, start = [], 0
-    for text in texts:
-        n = text.count(processor.image_token)
-        per_text.append(images[start : start + n])
-        start += n
+def encode(processor, texts: list[str], images: list, replacements: bool = False, **kwargs) -> dict[str, Any]:
+    """Run the processor on a batch; split text tensors from the one vision dict. ``replacements``: also keep
+    where each image placeholder's expansion sits in each text, for :func:`label_masks`."""
+    # The images as one list per text: Gemma's processors need it, the others flatten it.
+    token = getattr(processor, "image_token", None)
+    counts = [t.count(token) for t in texts] if token else []
+    if images and sum(counts) == len(images):
+        it = iter(images)
+        images = [[next(it) for _ in range(n)] for n in counts]
     enc = processor(
         text=texts,
-        images=per_text if images else None,
+        images=images or None,
         padding=True,
         add_special_tokens=False,
         return_tensors="pt",
+        return_text_replacement_offsets=replacements,
         **kwargs,
     )
     batch = {k: enc[k] for k in TEXT_KEYS}
+    if replacements:
+        batch["replacements"] = enc.pop("text_replacement_offsets", None) or [[] for _ in texts]
     batch["vision"] = {k: v for k, v in enc.items() if k not in TEXT_KEYS}
     return batch
 
@@ -167,12 +194,14 @@ class _ProcessOnce:
         return self.out
 
 
-def encode_blocks(processor, blocks: list[list[str]], images: list) -> list[dict[str, Any]]:
+def encode_blocks(
+    processor, blocks: list[list[str]], images: list, replacements: bool = False
+) -> list[dict[str, Any]]:
     """:func:`encode` each block of texts with the same ``images`` (blocks of sequences over the same
     prompts), running the image processor once: later blocks reuse its pixels and image-token counts."""
     inner = processor.image_processor
     processor.image_processor = _ProcessOnce(inner)
     try:
-        return [encode(processor, texts, images) for texts in blocks]
+        return [encode(processor, texts, images, replacements) for texts in blocks]
     finally:
         processor.image_processor = inner

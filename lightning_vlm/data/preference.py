@@ -18,7 +18,6 @@ from lightning_vlm.data.base import VLMDataModule, naming_source
 from lightning_vlm.data.collate import (
     assistant_spans,
     encode_blocks,
-    image_token_counts,
     label_masks,
     other_columns,
     stack_blocks,
@@ -99,7 +98,7 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         texts: list[list[str]] = [[], []]
         spans: list[list] = [[], []]
-        images, counts, pairs, per_row = [], [], [], []
+        images, pairs, per_row = [], [], []
         for r in rows:
             prompt, chosen, rejected = pair_messages(r)
             pairs.append((prompt, chosen, rejected))
@@ -108,17 +107,18 @@ class PreferenceCollator:
                 texts[k].append(text)
                 spans[k].append(sp)
             row_images = [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
-            counts.append(image_token_counts(self.processor, row_images))
             images += row_images
             per_row.append(row_images)
         if self.vision_once:
-            blocks = encode_blocks(self.processor, texts, images)  # each image processed once
+            # each image processed once
+            blocks = encode_blocks(self.processor, texts, images, replacements=True)
             batch = stack_blocks(blocks, self.processor.tokenizer.pad_token_id)
         else:
-            batch = encode_blocks(self.processor, [texts[0] + texts[1]], images + images)[0]
+            both = [texts[0] + texts[1]]
+            batch = encode_blocks(self.processor, both, images + images, replacements=True)[0]
         ids = [r[ROW] for r in rows]
         batch["labels_mask"] = label_masks(
-            self.processor, batch, texts[0] + texts[1], spans[0] + spans[1], counts + counts, ids + ids
+            self.processor, batch, texts[0] + texts[1], spans[0] + spans[1], ids + ids
         )  # (2B, T)
         batch["copies"] = 2 if self.vision_once else 1
         batch["rows"] = ids

@@ -6,14 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_vlm.data.base import VLMDataModule
-from lightning_vlm.data.collate import (
-    assistant_spans,
-    encode_blocks,
-    image_token_counts,
-    label_masks,
-    other_columns,
-    render,
-)
+from lightning_vlm.data.collate import assistant_spans, encode_blocks, label_masks, other_columns, render
 from lightning_vlm.data.preference import prompt_messages, response_messages
 from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image_parts, open_image
 
@@ -60,7 +53,7 @@ class SFTCollator:
         self.with_prompts = with_prompts
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        texts, spans, images, counts, conversations, per_row = [], [], [], [], [], []
+        texts, spans, images, conversations, per_row = [], [], [], [], []
         for r in rows:
             messages, first = sft_messages(r)
             field = "messages" if first == 0 else "completion"
@@ -69,19 +62,19 @@ class SFTCollator:
             spans.append(sp)
             conversations.append(messages)
             row_images = [open_image(ref, r[BASE], r[ROW]) for ref in as_list(r["images"])]
-            counts.append(image_token_counts(self.processor, row_images))
             images += row_images
             per_row.append(row_images)
         blocks = [texts]
         if self.with_prompts:  # a second block with the same images: they are processed once for both
             prompts, answers = zip(*(strip_final_answer(m) for m in conversations), strict=True)
             blocks.append([render(self.processor, p, add_generation_prompt=True) for p in prompts])
-        batch, *prompt = encode_blocks(self.processor, blocks, images)
+        batch, *prompt = encode_blocks(self.processor, blocks, images, replacements=True)
         ids = [r[ROW] for r in rows]
-        batch["labels_mask"] = label_masks(self.processor, batch, texts, spans, counts, ids)
+        batch["labels_mask"] = label_masks(self.processor, batch, texts, spans, ids)
         batch["rows"] = ids
         batch["columns"] = other_columns(rows, CONSUMED)
         if self.with_prompts:
+            prompt[0].pop("replacements")  # the prompts have no labels to map
             batch["prompt"], batch["answers"] = prompt[0], list(answers)
             batch["prompts"], batch["images"] = list(prompts), per_row  # for the samples table
         return batch

@@ -20,7 +20,7 @@ from transformers.utils import is_torchvision_available
 _PREFIX = "ImageOnly"
 
 
-class _NoVideo:
+class _VideoStandIn:
     """The missing video processor: stock code that reads its settings unconditionally (SmolVLM's
     ``apply_chat_template`` reads ``num_frames`` and ``fps``) reads None; processing a video is refused."""
 
@@ -32,27 +32,34 @@ class _NoVideo:
 
 
 @functools.cache
+def _no_video() -> type:
+    """A class to sit between a stock processor and ``ProcessorMixin``: it drops the ``video_processor=None``
+    that a stock ``__init__`` forwards by keyword (Gemma 4's; Qwen's forward it positionally, where it is
+    dropped anyway). Made on first use: ``ProcessorMixin`` imports the model code, which ``--help`` avoids."""
+
+    class _NoVideo(transformers.ProcessorMixin):
+        def __init__(self, *args, video_processor=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    return _NoVideo
+
+
+@functools.cache
 def image_only_processor(stock_name: str) -> type:
     """The stock processor class ``stock_name`` minus its video processor."""
     stock = getattr(transformers, stock_name)
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # The stock __init__ forwards (image, tokenizer, video) positionally to ProcessorMixin, which
-        # zips them with this signature's attributes, so the missing video processor is dropped.
-        stock.__init__(
-            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-            chat_template=chat_template, **kwargs,
-        )  # fmt: skip
+    def __init__(self, *args, **kwargs):
+        stock.__init__(self, *args, video_processor=None, **kwargs)
 
-    # The stock signature minus video_processor: ProcessorMixin saves (to_dict) and reloads the settings it
-    # names, such as LLaVA-OneVision's num_image_tokens.
-    sig = inspect.signature(stock.__init__)
-    kept = [p for n, p in sig.parameters.items() if n != "video_processor"]
-    __init__.__signature__ = sig.replace(parameters=kept)  # type: ignore[attr-defined]
+    # ProcessorMixin takes its sub-processors from this signature: the stock one, minus the video processor.
+    signature = inspect.signature(stock.__init__)
+    params = [p for name, p in signature.parameters.items() if name != "video_processor"]
+    __init__.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     name = f"{_PREFIX}{stock_name}"
-    attrs = {"__init__": __init__, "__module__": __name__, "__qualname__": name}
-    attrs["video_processor"] = _NoVideo()  # a class attribute: never saved with the processor's settings
-    cls = type(name, (stock,), attrs)
+    body = {"__init__": __init__, "__module__": __name__, "__qualname__": name}
+    body["video_processor"] = _VideoStandIn()  # a class attribute: never saved with the processor's settings
+    cls = type(name, (stock, _no_video()), body)
     globals()[name] = cls  # findable by name, so processors pickle into spawned DataLoader workers
     return cls
 
@@ -70,6 +77,7 @@ _VIDEO_PROCESSOR = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProc
                     "Qwen3VLProcessor": "Qwen3VLVideoProcessor", "SmolVLMProcessor": "SmolVLMVideoProcessor"}  # fmt: skip
 _VIDEO_PROCESSOR["LlavaOnevisionProcessor"] = "LlavaOnevisionVideoProcessor"
 _VIDEO_PROCESSOR |= {"InternVLProcessor": "InternVLVideoProcessor", "Glm4vProcessor": "Glm4vVideoProcessor"}
+_VIDEO_PROCESSOR["Gemma4Processor"] = "Gemma4VideoProcessor"
 _SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "size", "resample",
            "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")  # fmt: skip
 
@@ -117,7 +125,7 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
         trust_remote_code: Allow custom code from the folder.
         **kwargs: Image-processor settings such as ``min_pixels`` / ``max_pixels``.
     """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
@@ -130,8 +138,10 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     file = Path(path) / "chat_template.jinja"
     template = tokenizer.chat_template or (file.read_text() if file.is_file() else None)
+    parts = {"image_processor": image_processor, "tokenizer": tokenizer, "chat_template": template}
+    if "feature_extractor" in inspect.signature(stock.__init__).parameters:  # the audio side (Gemma 4)
+        parts["feature_extractor"] = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = image_only_processor(name)
     saved = stock.get_processor_dict(path)[0]  # the processor's own settings too (num_image_tokens, ...)
-    own = set(inspect.signature(cls).parameters) - {"image_processor", "tokenizer", "chat_template"}
-    settings = {k: v for k, v in saved.items() if k in own}
-    return cls(image_processor, tokenizer, chat_template=template, **settings)
+    own = set(inspect.signature(cls).parameters) - {*parts, "video_processor"}
+    return cls(**parts, **{k: v for k, v in saved.items() if k in own})

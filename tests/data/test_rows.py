@@ -264,6 +264,21 @@ def test_overlong_limit_is_exact_per_row(processor, long_rows):
             assert dm.skipped[path] == ({"overlong": dropped} if dropped else {})
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_row_lengths_count_the_tokens_around_each_image(family, long_rows):
+    """Gemma's processors add begin/end-of-image tokens (Gemma 3 also newlines) around an image's tokens: the
+    checked length of each row is still its collated length, so the limit stays exact."""
+    from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
+
+    processor = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family))).processor
+    path, rows, _ = long_rows
+    real = collated_lengths(processor, path, len(rows))
+    for limit in sorted(set(real.values()))[1:]:
+        for max_length in (limit, limit - 1):
+            dm = datamodule(processor, path, max_length=max_length, overlong="drop")
+            assert sorted(dm.datasets["train"]["__row"]) == sorted(i for i, n in real.items() if n <= max_length)
+
+
 def test_overlong_error_names_row_and_real_length(processor, long_rows):
     path, rows, _ = long_rows
     real = collated_lengths(processor, path, len(rows))

@@ -198,6 +198,34 @@ def test_image_delimiters_the_processor_adds_carry_no_label(counts, tmp_path, mo
         assert (ids == start).sum() == (ids == end).sum() == len(rows[row]["images"])
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_image_expansions_with_other_tokens_keep_the_mask_exact(family, tmp_path):
+    """Gemma's processors expand an image placeholder into begin/end-of-image tokens around the image tokens
+    (Gemma 3 also into newlines, tokenised with the text around them): the replies are still exactly the
+    labels, and the images reach the batch in their rows' order."""
+    from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
+
+    processor = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family))).processor
+    img = tmp_path / "img"
+    a, b = draw(img / "a.png", (64, 64), (200, 30, 30)), draw(img / "b.png", (112, 80), (30, 30, 200))
+    turns = [user("How many shapes?"), assistant("1"), user("Which is red, the first or the second?", 2)]
+    rows = [
+        {"images": [a, b], "messages": [*turns, assistant("first")]},
+        {"images": [b], "messages": [user("What colour is it?", 1), assistant("blue")]},
+        {"images": [], "messages": [user("Say hi."), assistant("hi")]},
+    ]
+    batch = one_batch(datamodule(processor, write_jsonl(tmp_path / "t.jsonl", rows), batch_size=len(rows)))
+    tok, end = processor.tokenizer, processor.tokenizer.eos_token
+    vision = [tok.convert_tokens_to_ids(getattr(tok, n)) for n in ("boi_token", "eoi_token", "image_token")]
+    replies = {0: f"1{end}first{end}", 1: f"blue{end}", 2: f"hi{end}"}
+    for k, row in enumerate(batch["rows"]):
+        ids, mask = batch["input_ids"][k], batch["labels_mask"][k]
+        assert tok.decode(ids[mask]) == replies[row]
+        assert not any(t in vision for t in ids[mask].tolist())
+        assert (ids == vision[0]).sum() == len(rows[row]["images"])  # one begin-of-image per image
+    assert not (batch["labels_mask"] & ~batch["attention_mask"].bool()).any()
+
+
 # ---------------------------------------------------------------------- validation prompts
 
 

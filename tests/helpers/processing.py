@@ -4,6 +4,7 @@ of a Qwen-VL vision tower."""
 from __future__ import annotations
 
 from torch import nn
+from transformers.image_utils import make_flat_list_of_images
 
 
 def count_image_processing(monkeypatch, processor) -> list[int]:
@@ -14,7 +15,7 @@ def count_image_processing(monkeypatch, processor) -> list[int]:
     call = cls.__call__
 
     def counted(self, images, *args, **kwargs):
-        seen.append(sum(len(im) if isinstance(im, list) else 1 for im in images))
+        seen.append(len(make_flat_list_of_images(images)))  # encode() hands them over as one list per text
         return call(self, images, *args, **kwargs)
 
     monkeypatch.setattr(cls, "__call__", counted)

@@ -53,6 +53,7 @@ def load(folder: str, images: list[str], inputs: str | None) -> dict:
         if text is not None:
             frames = torch.stack([torch.from_numpy(np.asarray(pictures[0])).permute(2, 0, 1)] * 2)  # 2 frames
             video = processor(text=[text], videos=[frames], do_sample_frames=False, return_tensors="pt")
+            out["video_keys"] = sorted(video.keys())
             out["video_grid_thw"] = video.get("video_grid_thw")  # Qwen: patches; LLaVA-OneVision: frames
             pixels = video.get("pixel_values_videos")  # SmolVLM's "<video>" prompt wants its own layout: none
             if pixels is not None:

@@ -4,7 +4,8 @@ No model hub is needed: the family's real config and model classes are instantia
 sizes, a byte-level BPE tokenizer is trained in-process on the synthetic-data corpus, and the
 family's chat template and (PIL) image processor complete the folder. The backbone then loads
 the folder exactly like a downloaded checkpoint, so tests exercise the real loading path.
-Each family's builder is ``build(spec) -> (config, processor)`` in the module named by ``BUILDERS``.
+Each family's builder is ``build(spec) -> (config, processor)`` in the module named by ``BUILDERS``
+(and, where needed, ``init(model)`` to adjust the random weights).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ Family = Literal[
     "llava_next", "llava_onevision",
     "smolvlm",
     "internvl", "glm4v",
+    "gemma3", "gemma4",
 ]  # fmt: skip
 FAMILIES: tuple[str, ...] = get_args(Family)
 # Family -> the module (in this package) whose build(spec) makes its config and processor.
@@ -35,6 +37,7 @@ BUILDERS |= {"qwen3_5": "qwen35", "qwen3_5_moe": "qwen35"}
 BUILDERS |= {"llava_next": "llava_next", "llava_onevision": "llava_next"}
 BUILDERS |= {"smolvlm": "smolvlm"}
 BUILDERS |= {"internvl": "internvl", "glm4v": "glm4v"}
+BUILDERS |= {"gemma3": "gemma", "gemma4": "gemma"}
 
 # Part of the cache key: bumped when the saved folder changes, so folders cached by older code are rebuilt
 # (2: the processor config holds the video processor that stock AutoProcessor needs).
@@ -90,10 +93,13 @@ def save_tiny_vlm(spec: TinyVLM, out_dir: str | Path) -> Path:
     if spec.family not in BUILDERS:
         raise ValueError(f"TinyVLM family {spec.family!r} is not one of {', '.join(FAMILIES)}")
     out_dir = Path(out_dir)
-    config, processor = importlib.import_module(f"{__name__}.{BUILDERS[spec.family]}").build(spec)
+    builder = importlib.import_module(f"{__name__}.{BUILDERS[spec.family]}")
+    config, processor = builder.build(spec)
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         model = AutoModelForImageTextToText.from_config(config)
+        if hasattr(builder, "init"):  # weights the stock initialisation leaves at a value that hides the images
+            builder.init(model)
     text_config = config.get_text_config()
     model.generation_config.eos_token_id = text_config.eos_token_id
     model.generation_config.pad_token_id = text_config.pad_token_id

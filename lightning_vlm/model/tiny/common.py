@@ -18,8 +18,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(vocab_size: int, extra: tuple[str, ...] = ()):
-    """A byte-level BPE tokenizer trained on the synthetic corpus, with the Qwen chat tokens plus ``extra``."""
+def train_tokenizer(vocab_size: int, extra: tuple[str, ...] = (), **settings):
+    """A byte-level BPE tokenizer trained on the synthetic corpus, with the Qwen chat tokens plus ``extra``;
+    ``settings`` replace or add ``PreTrainedTokenizerFast`` arguments (a family's eos, named special tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,13 +37,8 @@ def train_tokenizer(vocab_size: int, extra: tuple[str, ...] = ()):
     )
     lines = [*corpus(), "system", "user", "assistant", "You are a helpful assistant."]
     tok.train_from_iterator(lines * 4, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-        padding_side="left",
-    )
+    defaults = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **{**defaults, **settings})
 
 
 def text_sizes(spec, tokenizer) -> dict:
