@@ -35,6 +35,8 @@ from lightning_vlm.model.tiny import BUILDERS, FAMILIES, ensure_tiny_vlm
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "families.md"
+README = ROOT / "README.md"
+README_START, README_END = "<!-- families: generated -->", "<!-- /families -->"
 REGENERATE = "python -m tests.model.test_families"
 
 CHECKS = {  # check -> what it proves (the column notes of docs/families.md)
@@ -118,6 +120,27 @@ def families_md() -> str:
     lines += ["", "The checks:", ""] + [f"- **{name}**: {what}." for name, what in CHECKS.items()]
     lines += ["", "Not built here:", ""] + [f"- `{family}`: {why}." for family, why in NOT_BUILT.items()]
     return "\n".join(lines) + "\n"
+
+
+def readme_families() -> str:
+    """README.md's family sentence, between its markers."""
+    names = ", ".join(f"`{f}`" for f in FAMILIES)
+    missing = ", ".join(f"`{f}`" for f in NOT_BUILT)
+    return (
+        f"{README_START}\nthe {len(FAMILIES)} families in [docs/families.md](docs/families.md) ({names}) are tested"
+        f" end to end on tiny offline models, each check by each family, in a table generated from the test"
+        f" matrix ({missing}: not built here, the table says why)\n{README_END}"
+    )
+
+
+def _readme_with_families(text: str) -> str:
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    return text[:start] + readme_families() + text[end:]
+
+
+def test_readme_family_sentence_is_current():
+    text = README.read_text()
+    assert _readme_with_families(text) == text, f"README.md's family sentence is stale: run `{REGENERATE}`"
 
 
 def test_docs_table_is_current():
@@ -665,4 +688,5 @@ def test_two_images_in_one_prompt_are_both_read_in_order(family, backbones, synt
 
 if __name__ == "__main__":
     DOC.write_text(families_md())
-    print(f"wrote {DOC}")
+    README.write_text(_readme_with_families(README.read_text()))
+    print(f"wrote {DOC} and README.md's family sentence")
