@@ -55,9 +55,6 @@ def load(folder: str, images: list[str], inputs: str | None) -> dict:
             video = processor(text=[text], videos=[frames], do_sample_frames=False, return_tensors="pt")
             out["video_keys"] = sorted(video.keys())
             out["video_grid_thw"] = video.get("video_grid_thw")  # Qwen: patches; LLaVA-OneVision: frames
-            pixels = video.get("pixel_values_videos")  # SmolVLM's "<video>" prompt wants its own layout: none
-            if pixels is not None:
-                out["video_frames"] = None if out["video_grid_thw"] is not None else pixels.shape[1]
     return out
 
 
