@@ -72,8 +72,9 @@ NOT_BUILT = {
 
 
 def style(family: str) -> str:
-    """The architecture style FSDP2 is checked once for: the builder module, MoE apart (fused experts)."""
-    return BUILDERS[family] + ("-moe" if "moe" in family else "")
+    """The architecture style FSDP2 is checked once for: the builder module, MoE apart (fused experts), and
+    Gemma 4 apart from Gemma 3 (its own tower and decoder blocks, a builder module shared for the chat layout)."""
+    return BUILDERS[family] + ("-moe" if "moe" in family else "") + ("4" if family == "gemma4" else "")
 
 
 STYLE = {family: style(family) for family in FAMILIES}
