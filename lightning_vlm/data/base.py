@@ -214,7 +214,7 @@ class VLMDataModule(L.LightningDataModule):
         if not images:
             return n
         counts = image_token_counts(self.processor, images)
-        if counts is not None and len(images) == 1:  # several: LLaVA-OneVision expands them differently together
+        if counts is not None:
             return n + sum(counts) - len(images)
         rgb = [im.convert("RGB") for im in images]
         return len(self.processor(text=[text], images=[rgb], add_special_tokens=False)["input_ids"][0])

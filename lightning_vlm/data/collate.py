@@ -69,14 +69,20 @@ def image_token_counts(processor, images: list) -> list[int] | None:
 
 @functools.lru_cache(maxsize=16)
 def _expands_to_image_tokens_only(processor) -> bool:
-    """One probe per processor: does a lone placeholder become exactly the image tokens it counts?"""
+    """One probe per processor: do one and two placeholders become exactly the image tokens it counts (two
+    images of one prompt: LLaVA-OneVision expands them differently from one)?"""
     from PIL import Image
 
-    if getattr(processor, "image_token", None) is None:
+    token = getattr(processor, "image_token", None)
+    if token is None:
         return False
-    image = [[Image.new("RGB", (64, 64))]]
-    ids = processor(text=[processor.image_token], images=image, add_special_tokens=False)["input_ids"][0]
-    return len(ids) == processor._get_num_multimodal_tokens(image_sizes=[(64, 64)])["num_image_tokens"][0]
+    image = Image.new("RGB", (64, 64))
+    count = processor._get_num_multimodal_tokens(image_sizes=[(64, 64)])["num_image_tokens"][0]
+    for n in (1, 2):
+        ids = processor(text=[token * n], images=[[image] * n], add_special_tokens=False)["input_ids"][0]
+        if len(ids) != n * count:
+            return False
+    return True
 
 
 def _label_mask(

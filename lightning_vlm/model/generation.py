@@ -33,6 +33,7 @@ def _repeat_rope_deltas(model: nn.Module, times: int) -> None:
 
 _VISION_TOKENS = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id")
 _VISION_TOKENS += ("vision_end_token_id", "boi_token_id", "eoi_token_id")
+_VISION_TOKENS += ("audio_token_id", "boa_token_id", "eoa_token_id", "eoa_token_index")  # Gemma 4's audio side
 _VISION_TOKENS += ("image_start_token_id", "image_end_token_id", "video_start_token_id", "video_end_token_id")
 # Delimiters that only the tokenizer names (InternVL's <img> and </img>).
 _TOKENIZER_VISION_TOKENS = ("start_image_token_id", "end_image_token_id")

@@ -1,6 +1,7 @@
 """Processor loading and saving that work with and without torchvision.
 
-In transformers 5.x the stock Qwen-VL processors hold a video processor that needs torchvision. Where
+In transformers 5.x several stock processors (Qwen-VL, LLaVA-OneVision, SmolVLM, InternVL, GLM-4.1V, Gemma 4)
+hold a video processor that needs torchvision. Where
 torchvision is missing we build the same processor class without its video half (images and text behave
 exactly as in the stock class) and save it as the complete stock processor; where torchvision is present
 users get the stock processor untouched.
@@ -143,5 +144,5 @@ def load_processor(path: str, config, trust_remote_code: bool = False, **kwargs)
         parts["feature_extractor"] = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = image_only_processor(name)
     saved = stock.get_processor_dict(path)[0]  # the processor's own settings too (num_image_tokens, ...)
-    own = set(inspect.signature(cls).parameters) - {*parts, "video_processor"}
+    own = set(inspect.signature(cls).parameters) - set(parts)
     return cls(**parts, **{k: v for k, v in saved.items() if k in own})

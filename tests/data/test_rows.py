@@ -264,10 +264,11 @@ def test_overlong_limit_is_exact_per_row(processor, long_rows):
             assert dm.skipped[path] == ({"overlong": dropped} if dropped else {})
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma4", "llava_onevision", "smolvlm", "internvl"])
 def test_row_lengths_count_the_tokens_around_each_image(family, long_rows):
-    """Gemma's processors add begin/end-of-image tokens (Gemma 3 also newlines) around an image's tokens: the
-    checked length of each row is still its collated length, so the limit stays exact."""
+    """Gemma's processors add begin/end-of-image tokens (Gemma 3 also newlines) around an image's tokens,
+    SmolVLM tile markers, InternVL <img>/</img>, and LLaVA-OneVision expands two images of one prompt
+    differently from one: the checked length of each row is still its collated length, so the limit stays exact."""
     from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
 
     processor = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family))).processor

@@ -71,10 +71,14 @@ NOT_BUILT = {
 }
 
 
+# Families whose blocks differ from their builder module's first family: Gemma 4 (its own tower and decoder)
+# and LLaVA-OneVision (SigLIP + Qwen2 where LLaVA-NeXT is CLIP + Mistral).
+OWN_STYLE = {"gemma4": "gemma4", "llava_onevision": "llava_onevision"}
+
+
 def style(family: str) -> str:
-    """The architecture style FSDP2 is checked once for: the builder module, MoE apart (fused experts), and
-    Gemma 4 apart from Gemma 3 (its own tower and decoder blocks, a builder module shared for the chat layout)."""
-    return BUILDERS[family] + ("-moe" if "moe" in family else "") + ("4" if family == "gemma4" else "")
+    """The architecture style FSDP2 is checked once for: the builder module, MoE apart (fused experts)."""
+    return OWN_STYLE.get(family) or BUILDERS[family] + ("-moe" if "moe" in family else "")
 
 
 STYLE = {family: style(family) for family in FAMILIES}
@@ -300,6 +304,8 @@ def test_folder_loads_in_stock_transformers(family, stock, backbones):
     assert torch.allclose(got["logits"], logits, atol=1e-5)
     if main["_env"]["torchvision"] or video_class is None:
         assert got.get("processor") == processor_class, got.get("processor_error")
+        for theirs, mine in zip(got["outputs"], ours["outputs"], strict=True):  # stock AutoProcessor's outputs
+            _assert_same(theirs, mine, pixel_atol=0.0)
     else:  # transformers' limit without torchvision: the video processor's import, nothing of the folder
         assert got["processor_error"].startswith(
             f"ImportError: {video_class} requires the Torchvision library"
@@ -485,22 +491,27 @@ def test_image_tokens_are_never_generated(family, synthetic_dir):
     bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family=family)))  # its own: a bias goes on its head
     bb.load()
     batch = prompt_batch(prompt_dm(bb.processor, synthetic_dir))
+    from lightning_vlm.model.generation import _vision_token_ids
+
     config = bb.model.config
-    vision_tokens = [t for t in (getattr(config, "image_token_id", None), getattr(config, "vision_start_token_id", None),
-                                 getattr(config, "vision_end_token_id", None)) if t is not None]  # fmt: skip
-    assert vision_tokens
+    vision_tokens = _vision_token_ids(bb.model, bb.tokenizer)  # every one of them is pushed to the top
+    image = getattr(config, "image_token_id", None)
+    assert (image if image is not None else config.image_token_index) in vision_tokens
+    for name in ("start_image_token_id", "end_image_token_id"):  # delimiters only the tokenizer names
+        assert getattr(bb.tokenizer, name, None) in (None, *vision_tokens)
     plain = bb.tokenizer.convert_tokens_to_ids("red")
     head = bb.model.get_output_embeddings()
     bias = torch.zeros(head.weight.shape[0])
+    # Biases far above the random model's logits, yet distinct under Gemma's logit soft-capping (30):
     for rank, t in enumerate(vision_tokens):  # the vision tokens are the most likely of all...
-        bias[t] = 1e4 - rank
-    bias[plain] = 1e4 - 10  # ...then an ordinary token
+        bias[t] = 25 - 2 * rank
+    bias[plain] = 25 - 2 * len(vision_tokens)  # ...then an ordinary token
     head.bias = torch.nn.Parameter(bias, requires_grad=False)
     try:
         args = (batch["input_ids"], batch["attention_mask"], batch["vision"])
         with torch.no_grad():
             logits = bb.model(input_ids=args[0], attention_mask=args[1], **args[2]).logits[:, -1]
-        assert (logits.argmax(-1) == vision_tokens[0]).all()  # unsuppressed, the image token would win
+        assert (logits.argmax(-1) == vision_tokens[0]).all()  # unsuppressed, a vision token would win
         greedy = bb.generate(*args, max_new_tokens=3)
         sampled = bb.generate(
             *args, max_new_tokens=3, do_sample=True, num_return_sequences=2, temperature=1e-3
