@@ -48,7 +48,8 @@ LAYERS = {
 # generation never emits GLM's image/video delimiters (config) nor InternVL's <img>, </img> (tokenizer).
 # Gemma 3 and Gemma 4: +153 (tiny/gemma.py 106; label masks from the processor's own replacement offsets,
 # images per text, the feature extractor of Gemma 4's processor, a builder's init hook).
-MAX_LINES, MAX_TOTAL = 300, 8050
+# The review of the family merge: +8 (the two-image probe, Gemma 4's audio tokens never generated).
+MAX_LINES, MAX_TOTAL = 300, 8058
 
 
 def _modules() -> dict[str, Path]:
