@@ -41,6 +41,18 @@ def train_tokenizer(vocab_size: int, extra: tuple[str, ...] = (), **settings):
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **{**defaults, **settings})
 
 
+def tower_sizes(spec, image_size: int, patch_size: int) -> dict:
+    """A ViT-style vision tower's size (CLIP, SigLIP, InternViT, SmolVLM's), shared by the non-Qwen families."""
+    return dict(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=2 * spec.vision_hidden_size,
+        num_hidden_layers=spec.vision_depth,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
 def text_sizes(spec, tokenizer) -> dict:
     """The language model's size and special tokens, shared by every family."""
     return dict(

@@ -4,7 +4,13 @@ becomes ``<img>``, the tiles' context tokens, ``</img>``."""
 
 from __future__ import annotations
 
-from lightning_vlm.model.tiny.common import CHAT_TEMPLATE, QWEN_IMAGE, text_sizes, train_tokenizer
+from lightning_vlm.model.tiny.common import (
+    CHAT_TEMPLATE,
+    QWEN_IMAGE,
+    text_sizes,
+    tower_sizes,
+    train_tokenizer,
+)
 
 # InternVL's named tokens, as its tokenizer config holds them (the processor reads them by name).
 TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
@@ -25,14 +31,7 @@ def build(spec):
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=trained.backend_tokenizer, **kwargs)
     tokens = (TILE // PATCH // 2) ** 2  # context tokens per tile after the 0.5 pixel shuffle
     config = transformers.InternVLConfig(
-        vision_config=dict(
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=2 * spec.vision_hidden_size,
-            num_hidden_layers=spec.vision_depth,
-            num_attention_heads=2,
-            image_size=TILE,
-            patch_size=PATCH,
-        ),
+        vision_config=tower_sizes(spec, TILE, PATCH),
         text_config=dict(model_type="qwen2", **text_sizes(spec, tokenizer)),
         image_token_id=tokenizer.context_image_token_id,
         image_seq_length=tokens,

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import math
 
-from lightning_vlm.model.tiny.common import CHAT_TEMPLATE, QWEN_IMAGE, text_sizes, train_tokenizer
+from lightning_vlm.model.tiny.common import (
+    CHAT_TEMPLATE,
+    QWEN_IMAGE,
+    text_sizes,
+    tower_sizes,
+    train_tokenizer,
+)
 
 
 def build(spec):
@@ -18,15 +24,7 @@ def build(spec):
     template = CHAT_TEMPLATE.replace(QWEN_IMAGE, "<image>")
     tokenizer.chat_template = template
     config = transformers.LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=2 * spec.vision_hidden_size,
-            num_hidden_layers=spec.vision_depth,
-            num_attention_heads=2,
-            image_size=side,
-            patch_size=14,
-        ),
+        vision_config=dict(model_type="clip_vision_model", **tower_sizes(spec, side, 14)),
         text_config=dict(model_type="llama", **text_sizes(spec, tokenizer)),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import math
 
-from lightning_vlm.model.tiny.common import CHAT_TEMPLATE, QWEN_IMAGE, text_sizes, train_tokenizer
+from lightning_vlm.model.tiny.common import (
+    CHAT_TEMPLATE,
+    QWEN_IMAGE,
+    text_sizes,
+    tower_sizes,
+    train_tokenizer,
+)
 
 # Mistral's [INST] layout, as llava-v1.6-mistral: images in place, each followed by a newline.
 MISTRAL_TEMPLATE = (
@@ -34,8 +40,7 @@ def build(spec):
         tokenizer.chat_template = CHAT_TEMPLATE.replace(QWEN_IMAGE, "<image>\n")
     else:
         tokenizer.chat_template, tokenizer.eos_token = MISTRAL_TEMPLATE, "</s>"
-    vision = dict(hidden_size=spec.vision_hidden_size, intermediate_size=2 * spec.vision_hidden_size,
-                  num_hidden_layers=spec.vision_depth, num_attention_heads=2, image_size=tile, patch_size=patch)  # fmt: skip
+    vision = tower_sizes(spec, tile, patch)
     common = dict(image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
     if onevision:  # SigLIP without its pooling head, as released; all patches ("full", no CLS)
         config = transformers.LlavaOnevisionConfig(

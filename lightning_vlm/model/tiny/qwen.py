@@ -6,10 +6,20 @@ from __future__ import annotations
 from lightning_vlm.model.tiny.common import CHAT_TEMPLATE, SPECIAL_TOKENS, text_sizes, train_tokenizer
 
 
+def vision_token_ids(tokenizer) -> dict:
+    """The Qwen-VL config's image, video and delimiter token ids (Qwen3.5 shares them)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
 def _config(spec, tokenizer):
     import transformers
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = spec.hidden_size // spec.num_heads
     half = head_dim // 2
     mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # (t, h, w) sections sum to half
@@ -33,19 +43,13 @@ def _config(spec, tokenizer):
         if moe:
             text.update(num_experts=spec.num_experts, num_experts_per_tok=2)
             text.update(moe_intermediate_size=spec.hidden_size, decoder_sparse_step=1)
-    return cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=spec.tie_word_embeddings,
-    )
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=spec.tie_word_embeddings,
+               **vision_token_ids(tokenizer))  # fmt: skip
 
 
-def build(spec):
-    """(config, processor) of the tiny Qwen-VL family ``spec.family``."""
+def build(spec, config=_config):
+    """(config, processor) of the tiny Qwen-VL family ``spec.family``; ``config(spec, tokenizer)`` makes the
+    config (Qwen3.5's builder passes its own: same tokens, image processor and stock processor)."""
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -61,4 +65,4 @@ def build(spec):
     )
     stock = PROCESSOR_MAPPING_NAMES[spec.family]  # the family's stock processor, minus its video half
     processor = image_only_processor(stock)(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
-    return _config(spec, tokenizer), processor
+    return config(spec, tokenizer), processor

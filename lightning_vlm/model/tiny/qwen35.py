@@ -5,13 +5,13 @@ image processor with 16 px patches, and the stock Qwen3-VL processor; images as
 
 from __future__ import annotations
 
-from lightning_vlm.model.tiny.common import CHAT_TEMPLATE, SPECIAL_TOKENS, text_sizes, train_tokenizer
+from lightning_vlm.model.tiny import qwen
+from lightning_vlm.model.tiny.common import text_sizes
 
 
 def _config(spec, tokenizer):
     import transformers
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = spec.hidden_size // spec.num_heads
     text = text_sizes(spec, tokenizer)
     # Real checkpoints rotate a quarter of each head (partial_rotary_factor), in (t, h, w) sections summing to
@@ -33,27 +33,11 @@ def _config(spec, tokenizer):
         text.update(moe_intermediate_size=spec.hidden_size, shared_expert_intermediate_size=spec.hidden_size)
     else:
         cls = transformers.Qwen3_5Config
-    return cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=spec.tie_word_embeddings,
-    )
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=spec.tie_word_embeddings,
+               **qwen.vision_token_ids(tokenizer))  # fmt: skip
 
 
 def build(spec):
-    """(config, processor) of the tiny ``qwen3_5`` or ``qwen3_5_moe`` family."""
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from lightning_vlm.model.processing import image_only_processor
-
-    tokenizer = train_tokenizer(spec.vocab_size)  # Qwen3.5 keeps the Qwen chat and vision tokens
-    pixels = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
-    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, **pixels)
-    stock = PROCESSOR_MAPPING_NAMES[spec.family]  # Qwen3VLProcessor, minus its video half
-    processor = image_only_processor(stock)(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
-    return _config(spec, tokenizer), processor
+    """(config, processor) of the tiny ``qwen3_5`` or ``qwen3_5_moe`` family: Qwen3-VL's tokens, 16 px image
+    processor and stock ``Qwen3VLProcessor`` (minus its video half), with this module's config."""
+    return qwen.build(spec, _config)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_vlm.model.tiny.common import text_sizes, train_tokenizer
+from lightning_vlm.model.tiny.common import text_sizes, tower_sizes, train_tokenizer
 
 TILE, PATCH, SCALE = 56, 14, 2  # a tile of 4x4 patches, pixel-shuffled 2x2: 4 image tokens per tile
 GRID = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))  # SmolVLM's 6x6 tile markers
@@ -37,14 +37,7 @@ def build(spec):
     tokenizer.chat_template = TEMPLATE
     text = text_sizes(spec, tokenizer)
     config = transformers.SmolVLMConfig(
-        vision_config=dict(
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=2 * spec.vision_hidden_size,
-            num_hidden_layers=spec.vision_depth,
-            num_attention_heads=2,
-            image_size=TILE,
-            patch_size=PATCH,
-        ),
+        vision_config=tower_sizes(spec, TILE, PATCH),
         text_config=dict(model_type="llama", **text),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=SCALE,
