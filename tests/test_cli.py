@@ -320,11 +320,13 @@ def test_checkpoint_written_from_python_loads(tmp_path, synthetic_dir):
     assert all(torch.equal(p, trained[n]) for n, p in loaded.trainable_named_parameters().items())
 
 
-def test_real_recipe_instantiates_against_a_saved_tiny_folder(tmp_path, synthetic_dir):
-    folder = ensure_tiny_vlm(TinyVLM(family="qwen2_vl"))
+def _sft_recipe(recipe: str, family: str, scope: str, tmp_path, synthetic_dir):
+    """A real GPU SFT recipe parsed and built on a saved tiny folder of its family, CPU fp32: LoRA on the
+    language model's seven projections only (``scope`` is its module name), gradient checkpointing on."""
+    folder = ensure_tiny_vlm(TinyVLM(family=family))
     cli = VLMCLI(
         args=[
-            "--config", str(ROOT / "zoo" / "qwen2vl_sft.yaml"),
+            "--config", str(ROOT / "zoo" / recipe),
             "--model.init_args.backbone.model_name_or_path", str(folder),
             "--trainer.accelerator", "cpu",
             "--trainer.precision", "32-true",
@@ -338,68 +340,32 @@ def test_real_recipe_instantiates_against_a_saved_tiny_folder(tmp_path, syntheti
     backbone = cli.model.backbone
     cli.model.configure_model()
     trainable = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable and all("lora_" in n and scope in n for n in trainable)
     targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert any(getattr(m, "gradient_checkpointing", False) for m in backbone.model.modules())
+    return cli, backbone
+
+
+def test_real_recipe_instantiates_against_a_saved_tiny_folder(tmp_path, synthetic_dir):
+    cli, backbone = _sft_recipe("qwen2vl_sft.yaml", "qwen2_vl", ".language_model.", tmp_path, synthetic_dir)
     assert backbone.processor.image_processor.size["longest_edge"] == 1003520
     assert cli.trainer.accumulate_grad_batches == 4
 
 
 def test_smolvlm2_recipe_instantiates_against_the_saved_tiny_smolvlm_folder(tmp_path, synthetic_dir):
-    """zoo/smolvlm2_sft.yaml (SmolVLM2-2.2B-Instruct) parses and builds on the tiny smolvlm folder: LoRA on the
-    language model's projections only (the SigLIP tower has q/k/v_proj too: frozen), its tile size setting."""
-    folder = ensure_tiny_vlm(TinyVLM(family="smolvlm"))
-    cli = VLMCLI(
-        args=[
-            "--config", str(ROOT / "zoo" / "smolvlm2_sft.yaml"),
-            "--model.init_args.backbone.model_name_or_path", str(folder),
-            "--trainer.accelerator", "cpu",
-            "--trainer.precision", "32-true",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--data.init_args.train", str(synthetic_dir / "sft_train.jsonl"),
-            "--data.init_args.val", str(synthetic_dir / "sft_val.jsonl"),
-        ],
-        run=False,
-    )  # fmt: skip
-    backbone = cli.model.backbone
-    cli.model.configure_model()
-    trainable = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n and ".text_model." in n for n in trainable)
-    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
-    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert any(getattr(m, "gradient_checkpointing", False) for m in backbone.model.modules())
+    """zoo/smolvlm2_sft.yaml (SmolVLM2-2.2B-Instruct): the SigLIP tower has q/k/v_proj too and stays frozen;
+    its tile size setting."""
+    _, backbone = _sft_recipe("smolvlm2_sft.yaml", "smolvlm", ".text_model.", tmp_path, synthetic_dir)
     assert backbone.processor.image_processor.size["longest_edge"] == 1152
     assert backbone.model.config.model_type == "smolvlm"
 
 
 def test_gemma3_sft_recipe_instantiates_against_a_local_gemma3_folder(tmp_path, synthetic_dir):
-    """zoo/gemma3_sft.yaml parses and builds on a saved tiny Gemma 3 in place of google/gemma-3-4b-it: LoRA on
-    the language model's projections only (SigLIP and the projector frozen), checkpointing, bf16 weights."""
-    folder = ensure_tiny_vlm(TinyVLM(family="gemma3"))
-    cli = VLMCLI(
-        args=[
-            "--config", str(ROOT / "zoo" / "gemma3_sft.yaml"),
-            "--model.init_args.backbone.model_name_or_path", str(folder),
-            "--trainer.accelerator", "cpu",
-            "--trainer.precision", "32-true",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--data.init_args.train", str(synthetic_dir / "sft_train.jsonl"),
-            "--data.init_args.val", str(synthetic_dir / "sft_val.jsonl"),
-        ],
-        run=False,
-    )  # fmt: skip
-    backbone = cli.model.backbone
-    cli.model.configure_model()
+    """zoo/gemma3_sft.yaml in place of google/gemma-3-4b-it: SigLIP and the projector frozen, bf16 weights."""
+    cli, backbone = _sft_recipe("gemma3_sft.yaml", "gemma3", ".language_model.", tmp_path, synthetic_dir)
     assert type(backbone.model.get_base_model()).__name__ == "Gemma3ForConditionalGeneration"
     assert type(backbone.processor).__name__ == "Gemma3Processor"
-    trainable = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
-    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
-    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert any(getattr(m, "gradient_checkpointing", False) for m in backbone.model.modules())
     assert next(p for n, p in backbone.model.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
     assert cli.trainer.accumulate_grad_batches == 4
 
