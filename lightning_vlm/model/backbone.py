@@ -27,6 +27,7 @@ from lightning_vlm.model.config import (  # noqa: F401 (re-exported)
     resolve_path,
 )
 from lightning_vlm.model.lora import add_lora, disable_dropout, unwrap
+from lightning_vlm.model.packing import packed_hidden
 from lightning_vlm.model.processing import load_processor
 from lightning_vlm.model.vision import encode_images, has_images, image_side_parameters, shared_vision
 
@@ -161,6 +162,7 @@ class VLMBackbone(nn.Module):
         model: nn.Module | None = None,
         copies: int = 1,
         features: dict[str, Any] | None = None,
+        packed: bool = False,
     ) -> torch.Tensor:
         """Last hidden states of the language model, (copies * B, T, H).
 
@@ -174,9 +176,12 @@ class VLMBackbone(nn.Module):
             model: Run this model instead of the policy (the reference copy).
             copies: Sequences per prompt; the images are encoded once and reused for each.
             features: Output of :meth:`encode_images` to reuse instead of running the tower.
+            packed: Run the rows as one padding-free sequence (``lightning_vlm.model.packing``).
         """
         model = model if model is not None else self.model
         inner = unwrap(model).model
+        if packed:
+            return packed_hidden(inner, input_ids, attention_mask, vision)
         if has_images(vision) and (copies > 1 or features is not None):
             if features is None:
                 features = self.encode_images(vision, model)
@@ -195,6 +200,7 @@ class VLMBackbone(nn.Module):
         features: dict[str, Any] | None = None,
         entropy: bool = False,
         temperature: float = 1.0,
+        packed: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of each target token given everything before it.
 
@@ -202,7 +208,7 @@ class VLMBackbone(nn.Module):
         ``logps_chunk_size`` that are recomputed in backward, so memory is ``chunk x vocab``.
 
         Args:
-            input_ids, attention_mask, vision, model, copies, features: As in :meth:`hidden_states`.
+            input_ids, attention_mask, vision, model, copies, features, packed: As in :meth:`hidden_states`.
             target_mask: (B, T) bool, True at tokens to score (never position 0).
             entropy: Also return the entropy of the predicted distribution at each target (no gradient).
             temperature: Score under ``softmax(logits / temperature)``, the distribution that sampling at
@@ -213,7 +219,7 @@ class VLMBackbone(nn.Module):
             (B, T) float32 log-probs, 0 where ``target_mask`` is False (and the (B, T) entropies).
         """
         head = unwrap(model if model is not None else self.model).get_output_embeddings()
-        hidden = self.hidden_states(input_ids, attention_mask, vision, model, copies, features)  # (B, T, H)
+        hidden = self.hidden_states(input_ids, attention_mask, vision, model, copies, features, packed)
         targets = target_mask[:, 1:].bool()  # position t-1 predicts token t
         h = hidden[:, :-1][targets]  # (N, H)
         y = input_ids[:, 1:][targets]  # (N,)
