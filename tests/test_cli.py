@@ -121,6 +121,10 @@ def test_help_documents_arguments(capsys):
     assert "Tokens generated per held-out answer" in out  # from the SFT docstring
     assert "Peak learning rate" in out  # inherited from the shared base
     with pytest.raises(SystemExit):
+        main(["fit", "--data.help", "lightning_vlm.data.SFTDataModule"])
+    out = capsys.readouterr().out
+    assert "--data.packing" in out and "Token budget of a packed micro-batch" in out and "--data.batch_size" in out
+    with pytest.raises(SystemExit):
         main(["--help"])
     assert "fit" in capsys.readouterr().out
 
@@ -228,6 +232,35 @@ def test_interrupted_run_resumes_to_the_same_weights(stop, checkpoint, tmp_path,
     assert not kept  # the silencing ends with the resumed epoch's first batch
     a = straight.model.state_dict()
     b = resumed.model.state_dict()
+    trainable = set(straight.model.trainable_named_parameters())
+    assert trainable and all(torch.equal(a[k], b[k]) for k in trainable)
+
+
+def test_packed_sft_fits_and_resumes_to_the_same_weights(tmp_path, synthetic_dir, monkeypatch):
+    """SFT with data.packing from the command: every training forward is one packed sequence of at most
+    max_tokens tokens; stopped after 2 steps and resumed to 5, it ends where 5 straight steps do."""
+    from lightning_vlm.model import backbone
+
+    seen = []
+
+    def spy(inner, input_ids, attention_mask, vision):
+        seen.append(int(attention_mask.sum()))
+        return packed_hidden(inner, input_ids, attention_mask, vision)
+
+    packed_hidden = backbone.packed_hidden
+    monkeypatch.setattr(backbone, "packed_hidden", spy)
+    packing = ("--data.init_args.packing", "true", "--data.init_args.max_tokens", "512",
+               "--data.init_args.max_length", "256", "--trainer.max_steps", "5")  # fmt: skip
+    straight = VLMCLI(args=["fit", *_tiny_args(tmp_path / "a", synthetic_dir, *packing)])
+    assert straight.trainer.global_step == 5 and len(seen) == 5 and max(seen) <= 512 and min(seen) > 256
+    first = _tiny_args(tmp_path / "b", synthetic_dir, *packing, "--trainer.max_steps", "2")
+    VLMCLI(args=["fit", *first])
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["datamodule_hyper_parameters"]["packing"] is True
+    args = [*_tiny_args(tmp_path / "c", synthetic_dir, *packing), "--ckpt_path", str(ckpt)]
+    resumed = VLMCLI(args=["fit", *args])
+    assert resumed.trainer.global_step == 5
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
     trainable = set(straight.model.trainable_named_parameters())
     assert trainable and all(torch.equal(a[k], b[k]) for k in trainable)
 

@@ -22,6 +22,7 @@ from lightning_vlm.data.loaders import (
     WorkerLoader,
     naming_source,
 )
+from lightning_vlm.data.packing import TokenBudgetSampler
 from lightning_vlm.data.rows import BadRowError, as_list, check_rows, open_image
 from lightning_vlm.data.sources import load_source, source_name
 
@@ -116,6 +117,7 @@ class VLMDataModule(L.LightningDataModule):
         self.processor = None  # taken from the model's backbone in setup(), or set by hand
         self.datasets: dict[str, Any] = {}
         self.skipped: dict[str, dict[str, int]] = {}
+        self.lengths: dict[str, list[int]] = {}  # source -> its kept rows' token lengths, image tokens counted
         self._resume = (0, 0)  # (epoch, rows used) of a resumed fit; see state_dict
         self._raw_batches: dict[int, int] = {}
 
@@ -153,7 +155,8 @@ class VLMDataModule(L.LightningDataModule):
             return ds
         # Large sources are checked in parallel, one process per DataLoader worker.
         procs = min(h.num_workers, os.cpu_count() or 1) if h.num_workers > 1 and len(ds) >= 2000 else None
-        ds, counts = check_rows(ds, name, self._checker(), self._policy(), procs, self._check_cache(ds))
+        ds, counts, self.lengths[name] = check_rows(ds, name, self._checker(), self._policy(), procs,
+                                                    self._check_cache(ds))
         if counts:
             log.warning("%s: skipped %s of %d rows", name, counts, len(ds) + sum(counts.values()))
         self.skipped[name] = counts
@@ -240,22 +243,22 @@ class VLMDataModule(L.LightningDataModule):
         h, name, (world, rank) = self.hparams, source_name(self.sources[split]), self._world()
         size = h.batch_size if split == "train" else (h.eval_batch_size or h.batch_size)
         workers = {"multiprocessing_context": "spawn", "timeout": h.worker_timeout} if h.num_workers else {}
-        args = {"batch_size": size, "num_workers": h.num_workers, "pin_memory": torch.cuda.is_available()}
+        args: dict[str, Any] = {"num_workers": h.num_workers, "pin_memory": torch.cuda.is_available()}
         if not hasattr(self.datasets[split], "__len__"):  # streamed: this rank's share, no sampler
             from datasets.distributed import split_dataset_by_node
 
             skip = self._resume[1] // (size * world) if split == "train" else 0  # raw batches used
             batches = StreamBatches(self._checker(), collate, name, self._policy(), skip)
             ds = split_dataset_by_node(self.datasets[split], rank=rank, world_size=world)
-            return StreamLoader(ds, batches, self.skipped[name], **args, **workers)
-        return WorkerLoader(
-            self.datasets[split],
-            collate_fn=partial(naming_source, collate, name),
-            persistent_workers=h.num_workers > 0,
-            sampler=self._train_sampler(world, rank) if shuffle else None,
-            **args,
-            **workers,
-        )
+            return StreamLoader(ds, batches, self.skipped[name], batch_size=size, **args, **workers)
+        sampler = self._train_sampler(world, rank) if shuffle else None
+        batched = isinstance(sampler, TokenBudgetSampler)  # it yields whole micro-batches
+        args |= {"batch_sampler": sampler} if batched else {"sampler": sampler, "batch_size": size}
+        loader = WorkerLoader(self.datasets[split], collate_fn=partial(naming_source, collate, name),
+                              persistent_workers=h.num_workers > 0, **args, **workers)  # fmt: skip
+        if batched:  # a DistributedSampler as the loader's sampler: Lightning neither re-shards nor wraps it
+            object.__setattr__(loader, "sampler", sampler)
+        return loader
 
     def _train_sampler(self, world: int, rank: int) -> ResumableSampler:
         sampler = ResumableSampler(len(self.datasets["train"]), self.hparams.seed, world, rank)
@@ -267,13 +270,15 @@ class VLMDataModule(L.LightningDataModule):
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the epoch and how many of its training rows (all ranks) were used."""
+        """Saved in checkpoints: the epoch and how many of its training rows (all ranks) were used (with
+        ``packing``: micro-batches)."""
         state: dict[str, Any] = {"skipped": self.skipped}
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":  # also when saved after validation
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             done = self._raw_batches.get(trainer.current_epoch, done)  # streamed: also those left empty
-            rows = done * self.hparams.batch_size * trainer.world_size
+            per_batch = 1 if self.hparams.get("packing") else self.hparams.batch_size  # packed: micro-batches
+            rows = done * per_batch * trainer.world_size
             state["resume"] = {"epoch": trainer.current_epoch, "rows": rows}
         return state
 

@@ -110,7 +110,8 @@ def checked(check: Callable[[dict], int], row: dict) -> tuple[int, str]:
 def check_rows(ds, source: str, check: Callable[[dict], int], policy: tuple[str, str, int],
                num_proc: int | None = None, cache: Path | None = None):  # fmt: skip
     """Run ``check(row) -> length`` on every row; drop or raise per ``policy`` (``bad_rows``, ``overlong``,
-    ``max_length``, see :func:`judge`); return (dataset, counts of the skipped rows by reason).
+    ``max_length``, see :func:`judge`); return (dataset, counts of the skipped rows by reason, the kept rows'
+    token lengths).
 
     ``check`` raises :class:`BadRowError` for a bad row. With ``cache`` (a file named by the dataset's
     fingerprint and the check's settings) the results of an earlier run are read from it, and only the
@@ -147,4 +148,4 @@ def check_rows(ds, source: str, check: Callable[[dict], int], policy: tuple[str,
             counts[reason] += 1
         else:
             keep.append(i)
-    return (ds.select(keep) if len(keep) < len(ds) else ds), dict(counts)
+    return (ds.select(keep) if len(keep) < len(ds) else ds), dict(counts), [lengths[i] for i in keep]

@@ -7,8 +7,10 @@ from typing import Any
 
 from lightning_vlm.data.base import VLMDataModule
 from lightning_vlm.data.collate import assistant_spans, encode_blocks, label_masks, other_columns, render
+from lightning_vlm.data.packing import TokenBudgetSampler
 from lightning_vlm.data.preference import prompt_messages, response_messages
 from lightning_vlm.data.rows import BASE, ROW, BadRowError, as_list, count_image_parts, open_image
+from lightning_vlm.data.sources import source_name
 
 CONSUMED = ("messages", "prompt", "completion", "images")  # the rest goes to batch["columns"]
 
@@ -46,11 +48,13 @@ class SFTCollator:
         with_prompts: Also encode each conversation minus its last reply, left-padded for
             generation, with the reference reply in ``answers`` (and, for the samples table, the
             prompts as messages in ``prompts`` and each row's images in ``images``).
+        packed: Mark the batch for the padding-free packed forward (``data.packing``).
     """
 
-    def __init__(self, processor, with_prompts: bool = False):
+    def __init__(self, processor, with_prompts: bool = False, packed: bool = False):
         self.processor = processor
         self.with_prompts = with_prompts
+        self.packed = packed
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         texts, spans, images, conversations, per_row = [], [], [], [], []
@@ -73,6 +77,7 @@ class SFTCollator:
         batch["labels_mask"] = label_masks(self.processor, batch, texts, spans, ids)
         batch["rows"] = ids
         batch["columns"] = other_columns(rows, CONSUMED)
+        batch["packed"] = self.packed  # the model runs the rows as one padding-free sequence
         if self.with_prompts:
             prompt[0].pop("replacements")  # the prompts have no labels to map
             batch["prompt"], batch["answers"] = prompt[0], list(answers)
@@ -93,6 +98,34 @@ class SFTDataModule(VLMDataModule):
     required = ("messages", "images")
     alternatives = {"messages": ("prompt", "completion")}  # TRL's prompt-completion format
 
+    def __init__(self, packing: bool = False, max_tokens: int | None = None, **kwargs: Any):
+        """
+        Args:
+            packing: Train on padding-free packed micro-batches: each micro-batch's rows run as one
+                sequence, attention kept inside each row, filled up to ``max_tokens`` tokens (image tokens
+                counted) instead of ``batch_size`` rows. Same loss as padded batches of the same rows
+                (docs/data.md#packing). Refused, when fit starts, for families that cannot be packed.
+            max_tokens: Token budget of a packed micro-batch (per device); required with ``packing`` and
+                at least ``max_length``, so every row fits (a longer row is refused or dropped by
+                ``max_length`` and ``overlong``, naming the row and its length).
+            **kwargs: The settings of :class:`VLMDataModule` (train, val, batch_size, max_length, ...).
+        """
+        super().__init__(**kwargs)
+        self.streams = not packing  # the token budget needs every row's length before the epoch starts
+        limit = self.hparams["max_length"]
+        if packing and (max_tokens is None or max_tokens < limit):
+            raise ValueError(f"data.init_args.max_tokens must be >= max_length ({limit}) "
+                             f"with packing, got {max_tokens}")  # fmt: skip
+
+    def _train_sampler(self, world: int, rank: int):
+        h = self.hparams
+        if not h["packing"]:
+            return super()._train_sampler(world, rank)
+        ds, name = self.datasets["train"], source_name(self.sources["train"] or "")
+        sampler = TokenBudgetSampler(self.lengths[name], ds[ROW], h["max_tokens"], h["seed"], name, world, rank)
+        sampler.resume_at(*self._resume)  # (epoch, micro-batches used): see state_dict
+        return sampler
+
     def _check_row(self, row: dict) -> int:
         messages, first = sft_messages(row)
         i, field = row[ROW], "messages" if first == 0 else "prompt"
@@ -104,4 +137,5 @@ class SFTDataModule(VLMDataModule):
         return self.token_length(render(self.processor, messages), images)
 
     def _collator(self, split: str) -> SFTCollator:
-        return SFTCollator(self.processor, with_prompts=split != "train")
+        packed = split == "train" and self.hparams["packing"]
+        return SFTCollator(self.processor, with_prompts=split != "train", packed=packed)

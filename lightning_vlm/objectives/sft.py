@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from lightning_vlm.losses import sft_loss
 from lightning_vlm.metrics import exact_match
 from lightning_vlm.model.backbone import BackboneConfig
+from lightning_vlm.model.packing import check_packing
 from lightning_vlm.objectives.base import VLMObjective
 from lightning_vlm.rollout.tables import prompt_text, write_val_samples
 
@@ -45,8 +46,14 @@ class SFT(VLMObjective):
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         mask = batch["labels_mask"]  # (B, T)
-        logps = self.backbone.token_logps(batch["input_ids"], batch["attention_mask"], batch["vision"], mask)
+        logps = self.backbone.token_logps(
+            batch["input_ids"], batch["attention_mask"], batch["vision"], mask, packed=batch.get("packed", False)
+        )
         return sft_loss(logps, mask)
+
+    def setup(self, stage: str) -> None:
+        if getattr(getattr(self._trainer, "datamodule", None), "hparams", {}).get("packing"):
+            check_packing(self.backbone.hf_config)  # before the first step, naming the family
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, metrics = self._loss(batch)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from PIL import Image
 
@@ -128,3 +129,13 @@ def test_validation_writes_a_samples_table(tmp_path, synthetic_dir):
             assert Path(path).parent == tmp_path / "samples"
     tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/val/samples_*.table.json"))
     assert len(tables) == 2  # one per validation
+
+
+def test_packing_is_refused_when_fit_starts_for_a_family_that_cannot_pack(tmp_path):
+    module = SFT(BackboneConfig(tiny=TinyVLM(family="gemma3")))
+    dm = SFTDataModule(train=write_jsonl(tmp_path / "t.jsonl", _rows(tmp_path)), packing=True, max_tokens=2048)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match="data.packing: the gemma3 family cannot be packed: its image tokens"):
+        trainer.fit(module, dm)
+    assert module.backbone.model is None  # refused before the weights load

@@ -1,0 +1,90 @@
+"""Token-budget micro-batches for packed SFT: budget, the shuffle order, ranks, resuming, the errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lightning_vlm.data.loaders import ResumableSampler
+from lightning_vlm.data.packing import TokenBudgetSampler
+from lightning_vlm.data.rows import BadRowError
+from lightning_vlm.data.sft import SFTDataModule
+from tests.helpers.sft_data import datamodule
+
+LENGTHS = [random.Random(0).randint(10, 40) for _ in range(50)]  # 4:1
+
+
+def sampler(world: int = 1, rank: int = 0, budget: int = 100, epoch: int = 1) -> TokenBudgetSampler:
+    s = TokenBudgetSampler(LENGTHS, list(range(len(LENGTHS))), budget, seed=3, num_replicas=world, rank=rank)
+    s.set_epoch(epoch)
+    return s
+
+
+def test_micro_batches_fill_the_budget_in_the_shuffle_order():
+    batches = list(sampler())
+    order = ResumableSampler(len(LENGTHS), seed=3)
+    order.set_epoch(1)
+    assert [i for b in batches for i in b] == list(order)  # the unpacked sampler's order, cut
+    sums = [sum(LENGTHS[i] for i in b) for b in batches]
+    assert max(sums) <= 100
+    assert all(s + LENGTHS[b[0]] > 100 for s, b in zip(sums, batches[1:], strict=False))  # full: the next row did not fit
+    assert len(sampler()) == len(batches)
+    assert list(sampler(epoch=2)) != batches  # another epoch, another order
+
+
+def test_two_ranks_get_disjoint_micro_batches_and_the_same_count():
+    alone = sampler().micro_batches()
+    whole = sampler(2, 0).micro_batches()  # padded with its first micro-batches to an even count
+    pad = len(whole) - len(alone)
+    assert len(whole) % 2 == 0 and whole == alone + alone[:pad]
+    ranks = [list(sampler(2, r)) for r in (0, 1)]
+    assert ranks == [whole[0::2], whole[1::2]] and len(ranks[0]) == len(sampler(2, 1))
+    mine = [{i for b in r for i in b} for r in ranks]
+    assert mine[0] | mine[1] == set(range(len(LENGTHS)))
+    assert len(mine[0] & mine[1]) == sum(len(b) for b in alone[:pad])  # only the padding repeats
+
+
+def test_a_resumed_epoch_skips_the_micro_batches_used():
+    whole = sampler(2, 1).micro_batches()
+    s = sampler(2, 1)
+    s.resume_at(1, 4)  # 4 micro-batches (2 per rank) were used before the interruption
+    assert list(s) == whole[4:][1::2]
+    assert list(s) == whole[1::2]  # once: the next epoch pass is whole again
+
+
+def test_a_row_over_the_budget_is_named_with_its_length():
+    with pytest.raises(BadRowError, match=r"t.jsonl: row 7: 150 tokens > data.max_tokens 100"):
+        TokenBudgetSampler([10] * 7 + [150], list(range(8)), 100, seed=0, source="t.jsonl")
+
+
+@pytest.mark.parametrize("max_tokens", [None, 100])
+def test_packing_needs_a_budget_that_holds_the_longest_row(max_tokens):
+    with pytest.raises(ValueError, match=rf"max_tokens must be >= max_length \(256\) with packing, got {max_tokens}"):
+        SFTDataModule(train="x.jsonl", packing=True, max_tokens=max_tokens, max_length=256)
+
+
+def test_packing_refuses_a_streamed_split(processor, tmp_path, synthetic_dir):
+    dm = SFTDataModule(train={"path": str(synthetic_dir / "sft_train.jsonl"), "streaming": True},
+                       packing=True, max_tokens=2048)  # fmt: skip
+    dm.processor = processor
+    with pytest.raises(ValueError, match="SFTDataModule cannot stream its data; drop streaming"):
+        dm.setup("fit")
+
+
+def test_packed_loader_batches_rows_by_tokens_and_resumes(processor, synthetic_dir):
+    dm = datamodule(processor, str(synthetic_dir / "sft_train.jsonl"), packing=True, max_tokens=256, max_length=256)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, TokenBudgetSampler)  # Lightning sees a DistributedSampler: no re-sharding
+    batches = list(loader)
+    lengths = dict(zip(dm.datasets["train"]["__row"], dm.lengths[str(synthetic_dir / "sft_train.jsonl")], strict=True))
+    for batch in batches:
+        assert batch["packed"] is True
+        real = batch["attention_mask"].sum(1).tolist()
+        assert real == [lengths[r] for r in batch["rows"]]  # the checked length is the collated one
+        assert sum(real) <= 256
+    assert sorted(r for b in batches for r in b["rows"]) == sorted(lengths)  # each row once
+    assert len(batches) < len(lengths) / 2  # several rows per micro-batch
+    dm.load_state_dict({"resume": {"epoch": 0, "rows": 2}})  # with packing: micro-batches
+    assert [b["rows"] for b in dm.train_dataloader()] == [b["rows"] for b in batches[2:]]
+    assert dm._collator("val")([dm.datasets["train"][0]])["packed"] is False  # held-out batches stay padded
