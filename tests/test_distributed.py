@@ -284,3 +284,42 @@ def test_sft_recipe_with_its_logger_and_held_out_report_finishes_on_two_processe
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "val/accuracy" in done.stdout and (out / "hf" / "config.json").is_file()
+
+
+ROWS_LOG = """
+import json
+import lightning as L
+
+class RowsLog(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        with open(f"rows-{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"rows": batch["rows"], "tokens": int(batch["attention_mask"].sum())}) + "\\n")
+"""
+
+
+def test_packed_sft_gives_each_rank_its_own_micro_batches(tmp_path, synthetic_dir):
+    """data.packing under DDP: Lightning keeps the token-budget sampler (no re-sharding), each step's two
+    micro-batches hold different rows and stay within the budget, and the ranks step together."""
+    (tmp_path / "rows_log.py").write_text(ROWS_LOG)
+    override = {
+        "report_held_out": False,
+        "trainer": {"max_steps": 3, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path / "run"),
+                    "num_sanity_val_steps": 0, "callbacks": [{"class_path": "rows_log.RowsLog"}]},
+        "model": {"init_args": {"backbone": {"model_name_or_path": None, "tiny": {"family": "qwen2_vl"}}}},
+        "data": {"init_args": {"synthetic": None, "train": str(synthetic_dir / "sft_train.jsonl"), "val": None,
+                               "packing": True, "max_tokens": 256, "max_length": 256, "num_workers": 0}},
+    }  # fmt: skip
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    cmd = [str(CLI), "fit", "--config", str(ROOT / "zoo" / "tiny_qwen2vl_sft.yaml"), "--config",
+           str(ROOT / "configs" / "ddp_cpu.yaml"), "--config", str(path)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [[json.loads(line) for line in (tmp_path / f"rows-{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    for a, b in zip(*ranks, strict=True):
+        assert not set(a["rows"]) & set(b["rows"]) and max(a["tokens"], b["tokens"]) <= 256
+    used = [r for rank in ranks for step in rank for r in step["rows"]]
+    assert len(used) == len(set(used)) > 6  # no row twice in the epoch's first steps, several per micro-batch
