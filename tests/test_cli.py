@@ -319,8 +319,10 @@ def test_unreadable_checkpoint_is_named_and_never_loaded_unsafely(content, tmp_p
         ({"model": {"init_args": {"backbone": {"tiny": None, "model_name_or_path": "/no/such/model"}}}},
          "backbone.model_name_or_path: no model folder at /no/such/model"),
         ({"model": {"init_args": {"lr": -1.0}}}, "model.init_args.lr must be > 0, got -1.0"),
+        ({"data": {"init_args": {"packing": True}}},
+         "data.init_args.max_tokens must be >= max_length (256) with packing, got None"),
     ],
-    ids=["model-path", "negative-lr"],
+    ids=["model-path", "negative-lr", "packing-without-budget"],
 )  # fmt: skip
 def test_bad_setting_is_the_first_and_last_line_printed(override, culprit, tmp_path):
     """As a user sees it: the command in a process of its own, everything it prints."""
