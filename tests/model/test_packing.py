@@ -65,3 +65,17 @@ def test_attention_never_crosses_rows(family, backbones, synthetic_dir):  # noqa
     assert not torch.allclose(before[1][mask[1]], after[1][mask[1]])  # row 1 itself did change
     for k in (0, 2, 3):  # rows after and before it did not
         assert torch.equal(before[k][mask[k]], after[k][mask[k]])
+
+
+def test_eager_attention_packs_through_transformers_block_diagonal_mask(synthetic_dir):
+    """Other attention implementations than SDPA (run row by row here) get transformers' own packed mask."""
+    from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
+
+    torch.manual_seed(0)
+    bb = VLMBackbone(BackboneConfig(tiny=TinyVLM(family="qwen2_vl"), attn_implementation="eager"))
+    bb.load()
+    batch = _rows(bb, synthetic_dir)
+    with torch.no_grad():
+        padded, packed = (bb.token_logps(*_args(batch), packed=p) for p in (False, True))
+    mask = batch["labels_mask"]
+    assert torch.allclose(packed[mask], padded[mask], atol=1e-5)
