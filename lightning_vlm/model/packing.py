@@ -2,13 +2,13 @@
 
 The padded batch (B, T) becomes (1, N), N the real tokens, with position ids restarting at 0 in each row.
 transformers (masking_utils) reads a restart in the position ids, with no attention mask, as the start of
-another packed sequence: for eager attention it builds the block-diagonal causal 4-D mask;
-flash-attention-2 takes the same position ids to its varlen kernel (cu_seqlens), the path transformers
-documents for padding-free training (not testable on CPU). SDPA with that mask would compute all N x N
-scores, so the decoder's SDPA runs causal row by row instead (``_segment_sdpa``). mRoPE families (Qwen-VL, GLM-4.1V) get each row's 3-D
-positions from the model's own ``get_rope_index`` (each row alone), with the 1-D text positions that mark
-the segments stacked on top, the (4, 1, N) form their decoders read as packed. Image features keep their
-order: rows and their placeholder tokens stay in row order, so the model's scatter puts each row's
+another packed sequence: for eager attention it builds the block-diagonal causal 4-D mask; flash-attention-2
+takes the same position ids to its varlen kernel (cu_seqlens), transformers' padding-free training path
+(not testable on CPU). SDPA with that mask would compute all N x N scores, so the decoder's SDPA runs
+causal row by row instead (``_segment_sdpa``). mRoPE families (Qwen-VL, GLM-4.1V) get each row's
+3-D positions from the model's own ``get_rope_index`` (each row alone), with the 1-D text positions that
+mark the segments stacked on top, the (4, 1, N) form their decoders read as packed. Image features keep
+their order: rows and their placeholder tokens stay in row order, so the model's scatter puts each row's
 images in its own segment.
 """
 
@@ -47,8 +47,9 @@ def _segment_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     bounds = _BOUNDS.get()
     if bounds is None or not getattr(module, "is_causal", False) or query.shape[2] != bounds[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = zip(bounds[:-1], bounds[1:], strict=True)
     parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
-             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
+             for a, b in rows]  # fmt: skip
     return torch.cat(parts, 1), None  # (1, N, heads, d)
 
 
@@ -58,7 +59,8 @@ def _per_row_sdpa(decoder: nn.Module, lengths: list[int]):
     from transformers import AttentionInterface
 
     config: Any = decoder.config
-    if config._attn_implementation != "sdpa":
+    window = getattr(config, "sliding_window", None) or max(lengths)
+    if config._attn_implementation != "sdpa" or max(lengths) > window:  # a window cuts a row: the mask applies it
         yield
         return
     AttentionInterface.register(_PER_ROW, _segment_sdpa)

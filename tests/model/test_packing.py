@@ -79,3 +79,21 @@ def test_eager_attention_packs_through_transformers_block_diagonal_mask(syntheti
         padded, packed = (bb.token_logps(*_args(batch), packed=p) for p in (False, True))
     mask = batch["labels_mask"]
     assert torch.allclose(packed[mask], padded[mask], atol=1e-5)
+
+
+def test_a_sliding_window_shorter_than_a_row_keeps_transformers_mask(backbones, synthetic_dir, monkeypatch):  # noqa: F811
+    """Mistral's sliding window (LLaVA-NeXT): row-by-row SDPA would ignore it, so a row longer than the
+    window goes through transformers' packed mask, which applies it; the log-probs still match."""
+    from lightning_vlm.model import packing
+
+    bb = backbones("llava_next")
+    config = bb.model.config.get_text_config()
+    monkeypatch.setattr(config, "sliding_window", 16)
+    per_row = []
+    monkeypatch.setattr(packing, "_segment_sdpa", lambda *a, **k: per_row.append(1))
+    batch = _rows(bb, synthetic_dir)
+    assert batch["attention_mask"].sum(1).max() > 16
+    with torch.no_grad():
+        padded, packed = (bb.token_logps(*_args(batch), packed=p) for p in (False, True))
+    mask = batch["labels_mask"]
+    assert not per_row and torch.allclose(packed[mask], padded[mask], atol=1e-5)
