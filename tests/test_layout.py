@@ -50,7 +50,10 @@ LAYERS = {
 # images per text, the feature extractor of Gemma 4's processor, a builder's init hook).
 # The review of the family merge: +8 (the two-image probe, Gemma 4's audio tokens never generated).
 # The final review: -5 (one ViT tower size helper for five builders; Qwen3.5 reuses the Qwen builder).
-MAX_LINES, MAX_TOTAL = 300, 8258
+# Padding-free packed SFT (issue 15): +205 (model/packing.py 101, data/packing.py 51, the SFT datamodule's
+# packing and max_tokens with the token-budget sampler, the backbone's packed branch, row lengths kept).
+# Resuming packed SFT with another data.packing or data.max_tokens is refused: +23 (data/sft.py).
+MAX_LINES, MAX_TOTAL = 300, 8281
 
 
 def _modules() -> dict[str, Path]:

@@ -126,6 +126,25 @@ class SFTDataModule(VLMDataModule):
         sampler.resume_at(*self._resume)  # (epoch, micro-batches used): see state_dict
         return sampler
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if "resume" in state:  # what its count means: rows, or micro-batches of this budget when packed
+            state["resume"]["packed_max_tokens"] = self._budget()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        resume = state.get("resume") or {}
+        saved, now = resume.get("packed_max_tokens"), self._budget()
+        if resume.get("rows") and saved != now:  # the count would point at other rows: refuse, lose nothing
+            raise ValueError(
+                f"resuming: the checkpoint counts its data position in {_unit(saved)}, this run in "
+                f"{_unit(now)}; resume with the checkpoint's data.packing and data.max_tokens"
+            )
+        super().load_state_dict(state)
+
+    def _budget(self) -> int | None:
+        return self.hparams["max_tokens"] if self.hparams["packing"] else None
+
     def _check_row(self, row: dict) -> int:
         messages, first = sft_messages(row)
         i, field = row[ROW], "messages" if first == 0 else "prompt"
@@ -139,3 +158,7 @@ class SFTDataModule(VLMDataModule):
     def _collator(self, split: str) -> SFTCollator:
         packed = split == "train" and self.hparams["packing"]
         return SFTCollator(self.processor, with_prompts=split != "train", packed=packed)
+
+
+def _unit(budget: int | None) -> str:
+    return "rows" if budget is None else f"packed micro-batches of data.max_tokens {budget}"

@@ -85,6 +85,21 @@ def test_packed_loader_batches_rows_by_tokens_and_resumes(processor, synthetic_d
         assert sum(real) <= 256
     assert sorted(r for b in batches for r in b["rows"]) == sorted(lengths)  # each row once
     assert len(batches) < len(lengths) / 2  # several rows per micro-batch
-    dm.load_state_dict({"resume": {"epoch": 0, "rows": 2}})  # with packing: micro-batches
+    dm.load_state_dict({"resume": {"epoch": 0, "rows": 2, "packed_max_tokens": 256}})  # micro-batches
     assert [b["rows"] for b in dm.train_dataloader()] == [b["rows"] for b in batches[2:]]
     assert dm._collator("val")([dm.datasets["train"][0]])["packed"] is False  # held-out batches stay padded
+
+
+@pytest.mark.parametrize(("saved", "packing", "match"), [
+    (None, True, "counts its data position in rows, this run in packed micro-batches of data.max_tokens 256"),
+    (512, True, "in packed micro-batches of data.max_tokens 512, this run in packed micro-batches of data.max_tokens 256"),
+    (256, False, "in packed micro-batches of data.max_tokens 256, this run in rows"),
+])  # fmt: skip
+def test_resuming_with_another_packing_setting_is_refused(saved, packing, match):
+    dm = SFTDataModule(train="x.jsonl", packing=packing, max_tokens=256, max_length=256)
+    with pytest.raises(ValueError, match=match):
+        dm.load_state_dict({"resume": {"epoch": 0, "rows": 3, "packed_max_tokens": saved}})
+    dm.load_state_dict({"resume": {"epoch": 0, "rows": 0, "packed_max_tokens": saved}})  # nothing used yet: fine
+    same = {"resume": {"epoch": 1, "rows": 3, "packed_max_tokens": 256 if packing else None}}
+    dm.load_state_dict(same)
+    assert dm._resume == (1, 3)
