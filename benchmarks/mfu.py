@@ -196,10 +196,11 @@ def run(objective: str, folder: str, s: dict, args) -> dict:
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            sync()
-            self.t0 = time.perf_counter()
             if objective == "grpo":  # the hand-over the RolloutCallback makes, minus generation
                 r = synthetic_rollout(pl_module.backbone, batch, args.group, args.new_tokens, batch_idx)
+            sync()
+            self.t0 = time.perf_counter()
+            if objective == "grpo":  # advantages (and old log-probs if the loop needed them): the step's work
                 pl_module.on_rollout([r], "train")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -276,7 +277,7 @@ def main() -> None:
             print(f"{objective}: {r['seconds']:.3f} s/step (median of {args.steps} after {args.warmup} warm-up), "
                   f"{r['tokens_per_s']:.0f} tokens/s, {r['flops']:.4e} FLOPs/step ({r['tokens']} tokens in "
                   f"{len(r['seq_lens'])} sequences, {r['scored']} scored, {len(r['patches'])} images x "
-                  f"{r['patches'][0]} patches), MFU {100 * r['mfu']:.2f}%, peak memory {memory}, "
+                  f"{r['patches'][0]} patches), MFU {100 * r['mfu']:.3g}%, peak memory {memory}, "
                   f"{r['trainable_params']} trainable parameters")  # fmt: skip
             print("RESULT " + json.dumps(r), flush=True)
 
