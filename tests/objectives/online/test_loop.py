@@ -46,8 +46,9 @@ def test_frozen_tower_runs_once_and_the_prompt_is_prefilled_once(grpo_run):
     decode = [c for c in calls["lm"] if c[1] == 1]
     assert len(decode) == NEW and all(c[0] == B * G for c in decode)  # G continuations per prompt
     training = [c for c in calls["lm"] if c[2]]
-    assert [c[0] for c in training] == [B * G]  # one training forward: all samples, no re-encoding
-    assert len(calls["lm"]) == 1 + NEW + 1  # no old-policy and no reference forward
+    # One training forward, no re-encoding: the B prompts once (shared prefix), then all samples' completions.
+    assert [c[:2] for c in training] == [(B, prefills[0][1] + 1), (B * G, NEW)]  # the prefill: all but one
+    assert len(calls["lm"]) == 1 + NEW + 2  # no old-policy and no reference forward
 
 
 def test_trained_tower_runs_once_per_rollout_and_once_per_forward(synthetic_dir):
@@ -59,7 +60,7 @@ def test_trained_tower_runs_once_per_rollout_and_once_per_forward(synthetic_dir)
     assert calls["tower"] == [patches] * 3  # rollout + one per forward (accumulation=2), each B prompts once
     prefills = [c for c in calls["lm"] if c[1] > 1 and not c[2]]
     assert [c[0] for c in prefills] == [B]
-    assert [c[0] for c in calls["lm"] if c[2]] == [B * G // 2] * 2
+    assert [c[0] for c in calls["lm"] if c[2]] == [B, B * G // 2] * 2  # shared prefix: prompts, completions
 
 
 def test_trained_tower_old_policy_pass_reuses_the_rollout_features(synthetic_dir):

@@ -1,0 +1,133 @@
+"""Shared prefix: score ``copies`` completions of each prompt with ONE forward of the prompt, with gradient.
+
+The prompt (and its images) runs once and leaves its KV cache; the cache is repeated for the copies
+(``reorder_cache``, which also repeats linear-attention states) and the completions run as one batch on
+top of it, positions continuing from the prompt (mRoPE models: from the prompt's ``rope_deltas``). The
+prompt's last hidden state predicts every copy's first completion token. Autograd sums the copies'
+gradients through the repeat into the single prompt pass, so values and gradients equal those of
+``copies`` full prompt + completion sequences (:meth:`VLMBackbone.token_logps`), for a fraction of the
+prompt's compute. Rows are in block order: copy k of prompt i is row ``k * B + i``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_vlm.model.backbone import VLMBackbone
+from lightning_vlm.model.lora import unwrap
+from lightning_vlm.model.moe import load_balancing_loss
+from lightning_vlm.model.vision import has_images, shared_vision
+
+# Families whose shared-prefix pass does not match the per-sequence one, with the reason (none known).
+UNSUPPORTED: tuple[tuple[str, str], ...] = ()
+
+
+def fallback_reason(bb: VLMBackbone) -> str | None:
+    """Why ``bb`` must score prompt + completion per sequence, or None when the shared prefix applies."""
+    if bb.config.gradient_checkpointing:
+        return "gradient checkpointing drops the KV cache (transformers' GradientCheckpointingLayer)"
+    model_type = getattr(bb.hf_config, "model_type", None)
+    return next((why for family, why in UNSUPPORTED if family == model_type), None)
+
+
+def shared_prefix_logps(
+    bb: VLMBackbone,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    vision: dict[str, Any],
+    model: nn.Module | None = None,
+    features: dict[str, Any] | None = None,
+    entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(R, N) float32 completion log-probs (0 where ``completion_mask`` is 0) and entropies (or None).
+
+    Args:
+        bb: The backbone (its LM head, soft-capping and chunking).
+        prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        completion_ids, completion_mask: (R, N) completions, R = copies * B in block order, right-padded.
+        vision: The B prompts' vision dict (per-sequence entries shaped like ``prompt_ids``).
+        model: Run this model instead of the policy (the reference copy).
+        features: Output of :meth:`VLMBackbone.encode_images` to reuse instead of running the tower.
+        entropy, temperature: As in :meth:`VLMBackbone.token_logps`.
+    """
+    model = model if model is not None else bb.model
+    assert model is not None, "VLMBackbone.load() first"
+    inner: Any = unwrap(model).model
+    (B, P), (R, N) = prompt_ids.shape, completion_ids.shape
+    per_sequence = {k for k, v in vision.items() if isinstance(v, torch.Tensor) and tuple(v.shape) == (B, P)}
+    if has_images(vision) and features is not None:
+        vision = shared_vision(vision, (B, P), 1, features)
+    for m in inner.modules():  # mRoPE: no stale offset of an earlier batch (a text-only prompt sets none)
+        if hasattr(m, "rope_deltas"):
+            m.rope_deltas = None
+    out = inner(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **vision)
+    name = "cache" if "cache" in out else "past_key_values"  # transformers' newer name, and its older one
+    cache = out[name]
+    index = torch.arange(B, device=prompt_ids.device).repeat(R // B)  # (R,) the prompt of each row
+    cache.reorder_cache(index)
+    for layer in getattr(cache, "layers", []):  # linear attention (Qwen3.5's Gated DeltaNet), see _store
+        if isinstance(getattr(layer, "recurrent_states", None), dict):
+            layer.update_recurrent_state = functools.partial(_store, layer.recurrent_states)
+    mask = torch.cat([prompt_mask[index], completion_mask], dim=1)  # (R, P+N)
+    # Each row's positions continue from its prompt's, as in one prompt + completion sequence: the count
+    # of tokens before them (pads included, the models' default numbering), shifted by mRoPE's offset.
+    positions = torch.arange(P, P + N, device=prompt_ids.device).expand(R, N)  # (R, N)
+    deltas = [m for m in inner.modules() if isinstance(getattr(m, "rope_deltas", None), torch.Tensor)]
+    for m in deltas:  # mRoPE (Qwen-VL, GLM-4.1V): the prompt pass set one offset per prompt
+        m.rope_deltas = m.rope_deltas[index]  # (R, 1)
+    if deltas:
+        text = mask.long().cumsum(-1)[:, P:] - 1  # mRoPE numbers real tokens only
+        positions = (text + deltas[0].rope_deltas).unsqueeze(0).expand(3, R, N)  # (3, R, N)
+    zeros = {k: vision[k].new_zeros(R, N) for k in per_sequence}  # mm_token_type_ids, ...: text after P
+    rest = inner(
+        input_ids=completion_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **{name: cache},
+        **zeros,
+    )
+    # The prompt's last hidden state predicts token 0; completion token t predicts t + 1.
+    hidden = torch.cat(
+        [out.last_hidden_state[index, -1:], rest.last_hidden_state[:, :-1]], dim=1
+    )  # (R, N, H)
+    targets = completion_mask.bool()
+    logps, ent = bb.head_logps(hidden[targets], completion_ids[targets], model, entropy, temperature)
+    lp = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    lp[targets] = logps
+    if ent is None:
+        return lp, None
+    ent_out = torch.zeros_like(lp)
+    ent_out[targets] = ent
+    return lp, ent_out
+
+
+def _store(states: dict, new: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+    """A linear-attention layer's state update without transformers' in-place ``copy_``: the completion pass's
+    graph still holds the repeated prompt state that the copy would overwrite (autograd refuses it)."""
+    states[state_idx] = new
+    return new
+
+
+def shared_prefix_aux(
+    router_logits: list[torch.Tensor],
+    prompt_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    experts: int,
+    top_k: int,
+) -> torch.Tensor:
+    """The load-balancing loss of :func:`shared_prefix_logps`'s two passes (each MoE layer's logits of the
+    prompt pass, then of the completion pass) as the per-sequence forward gives it: each prompt token
+    counts once per copy, padding not at all."""
+    copies, layers = completion_mask.shape[0] // prompt_mask.shape[0], len(router_logits) // 2
+    keep_prompt, keep_completion = prompt_mask.reshape(-1).bool(), completion_mask.reshape(-1).bool()
+    rows = [logits[keep_prompt].repeat(copies, 1) for logits in router_logits[:layers]]
+    rows += [logits[keep_completion] for logits in router_logits[layers:]]
+    return load_balancing_loss(rows, experts, top_k)

@@ -1,0 +1,132 @@
+"""Shared prefix (``lightning_vlm.model.prefix``): one forward of each prompt, its KV cache repeated for the
+copies, gives the log-probs, entropies, router loss and gradients of the per-sequence forward, for every
+tiny family. Tolerances (float32): atol 1e-5 on log-probs; gradients within 1e-5 + 1e-4 of each gradient's largest entry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM, VLMBackbone
+from lightning_vlm.model.moe import capture_router_logits, load_balancing_loss, moe_layout
+from lightning_vlm.model.prefix import UNSUPPORTED, fallback_reason, shared_prefix_aux, shared_prefix_logps
+from lightning_vlm.model.tiny import FAMILIES
+from tests.helpers.online import prompt_batch, prompt_dm
+from tests.model.test_families import backbones  # noqa: F401 (a fixture)
+
+COPIES, N = 3, 4
+LENGTHS = [4, 2, 3, 1, 4, 3]  # completion tokens of each row (right padding), COPIES * 2 rows
+
+
+def _inputs(bb: VLMBackbone, synthetic_dir) -> dict:
+    """2 left-padded prompts of different lengths (one and two images), COPIES completions of each of
+    different lengths, in block order (row k * B + i is copy k of prompt i)."""
+    batch = prompt_batch(prompt_dm(bb.processor, synthetic_dir), start=1)
+    mask = batch["attention_mask"]
+    assert mask.sum(1).unique().numel() == 2 and (mask[:, 0] == 0).any()  # left padding
+    R = COPIES * mask.shape[0]
+    words = bb.tokenizer("the red circle is left of the blue square", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(words)[torch.randint(len(words), (R, N), generator=torch.Generator().manual_seed(0))]
+    cmask = (torch.arange(N)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
+    ids = ids.masked_fill(cmask == 0, bb.tokenizer.pad_token_id)
+    return {"prompt_ids": batch["input_ids"], "prompt_mask": mask, "completion_ids": ids, "completion_mask": cmask,
+            "vision": batch["vision"]}  # fmt: skip
+
+
+def _per_sequence(bb: VLMBackbone, x: dict, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same rows as COPIES * B full prompt + completion sequences (``Rollout.sequences``' layout)."""
+    (B, P), R = x["prompt_ids"].shape, x["completion_ids"].shape[0]
+    index = torch.arange(B).repeat(R // B)
+    ids = torch.cat([x["prompt_ids"][index], x["completion_ids"]], 1)
+    mask = torch.cat([x["prompt_mask"][index], x["completion_mask"]], 1)
+    target = torch.zeros_like(mask)
+    target[:, P:] = x["completion_mask"]
+    vision = {k: torch.cat([v[index], v.new_zeros(R, N)], 1) if tuple(getattr(v, "shape", ())) == (B, P) else v
+              for k, v in x["vision"].items()}  # fmt: skip
+    lp, ent = bb.token_logps(ids, mask, vision, target, copies=R // B, entropy=True, **kw)
+    return lp[:, P:], ent[:, P:]
+
+
+def _both(bb: VLMBackbone, x: dict, **kw) -> list:
+    """(log-probs, entropies, gradients of every trainable weight) per sequence, then with the shared prefix."""
+    params = [p for p in bb.model.parameters() if p.requires_grad]
+    weights = torch.rand(x["completion_ids"].shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    results = []
+    for fn in (_per_sequence, lambda bb, x, **kw: shared_prefix_logps(bb, **x, entropy=True, **kw)):
+        lp, ent = fn(bb, x, **kw)
+        results.append((lp, ent, torch.autograd.grad((lp * weights).sum(), params, allow_unused=True)))
+    return results
+
+
+def _assert_same_grads(a, b) -> None:
+    """Equal up to 1e-4 of each gradient's scale (its largest entry): summation order differs, and Gemma's
+    scaled embeddings have entries ~80 next to ones ~1e-2."""
+    for x, y in zip(a, b, strict=True):
+        assert (x is None) == (y is None)  # LLaVA's last vision block feeds nothing: None on both sides
+        assert x is None or (x - y).abs().max() <= 1e-5 + 1e-4 * y.abs().max(), (x - y).abs().max()
+
+
+def _assert_equal(results: list, mask: torch.Tensor) -> None:
+    (a, ea, ga), (b, eb, gb) = results
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert torch.allclose(ea, eb, atol=1e-5) and (b[mask == 0] == 0).all() and (b[mask == 1] < 0).all()
+    _assert_same_grads(ga, gb)
+
+
+@pytest.mark.parametrize("vision", ["frozen", "train"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_equals_per_sequence(family, vision, backbones, synthetic_dir):  # noqa: F811
+    bb = backbones(family, vision)
+    x = _inputs(bb, synthetic_dir)
+    _assert_equal(_both(bb, x), x["completion_mask"])
+    if vision == "frozen":  # precomputed (rollout) features and the sampling temperature
+        with torch.no_grad():  # as the rollout's (LLaVA's projector trains with a frozen tower)
+            features = bb.encode_images(x["vision"])
+        _assert_equal(_both(bb, x, features=features, temperature=0.7), x["completion_mask"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_shared_prefix_with_lora_and_its_reference(family, synthetic_dir):
+    torch.manual_seed(0)
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    bb = VLMBackbone(
+        BackboneConfig(tiny=TinyVLM(family=family), lora=lora, vision="lora", logps_chunk_size=5)
+    )
+    bb.load()
+    x = _inputs(bb, synthetic_dir)
+    with torch.no_grad():  # adapters that change the output (peft starts them at zero)
+        for name, p in bb.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    _assert_equal(_both(bb, x), x["completion_mask"])
+    with bb.reference() as ref:
+        a, b = _per_sequence(bb, x, model=ref)[0], shared_prefix_logps(bb, **x, model=ref)[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, _per_sequence(bb, x)[0].detach(), atol=1e-3)  # the adapters were off
+
+
+def test_router_aux_loss_of_the_two_passes_equals_the_per_sequence_one(backbones, synthetic_dir):  # noqa: F811
+    bb = backbones("qwen3_vl_moe")
+    x = _inputs(bb, synthetic_dir)
+    experts, top_k = moe_layout(bb.model)
+    P = x["prompt_ids"].shape[1]
+    routers = [p for n, p in bb.model.named_parameters() if n.endswith("mlp.gate.weight")]
+    with capture_router_logits(bb.model) as logits:
+        _per_sequence(bb, x)
+    mask = torch.cat([x["prompt_mask"].repeat(COPIES, 1), x["completion_mask"]], 1)
+    assert logits[0].shape[0] == mask.numel()
+    a = load_balancing_loss(logits, experts, top_k, mask)
+    with capture_router_logits(bb.model) as logits:
+        shared_prefix_logps(bb, **x)
+    assert [t.shape[0] for t in logits] == [x["prompt_mask"].numel()] * 2 + [x["completion_mask"].numel()] * 2
+    b = shared_prefix_aux(logits, x["prompt_mask"], x["completion_mask"], experts, top_k)
+    assert torch.allclose(a, b, atol=1e-6) and P > N
+    _assert_same_grads(torch.autograd.grad(a, routers), torch.autograd.grad(b, routers))
+
+
+def test_fallback_reasons():
+    config = BackboneConfig(tiny=TinyVLM(family="qwen2_vl"))
+    assert fallback_reason(VLMBackbone(config)) is None
+    config.gradient_checkpointing = True
+    assert "gradient checkpointing" in fallback_reason(VLMBackbone(config))
+    assert all(family in FAMILIES and why for family, why in UNSUPPORTED)
