@@ -34,7 +34,7 @@ def fallback_reason(bb: VLMBackbone) -> str | None:
     return next((why for family, why in UNSUPPORTED if family == model_type), None)
 
 
-def shared_prefix_logps(
+def shared_prefix_hidden(
     bb: VLMBackbone,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -43,19 +43,16 @@ def shared_prefix_logps(
     vision: dict[str, Any],
     model: nn.Module | None = None,
     features: dict[str, Any] | None = None,
-    entropy: bool = False,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(R, N) float32 completion log-probs (0 where ``completion_mask`` is 0) and entropies (or None).
+) -> torch.Tensor:
+    """(R, N, H) last hidden states that predict each completion token (the state before it).
 
     Args:
-        bb: The backbone (its LM head, soft-capping and chunking).
+        bb: The backbone.
         prompt_ids, prompt_mask: (B, P) left-padded prompts.
         completion_ids, completion_mask: (R, N) completions, R = copies * B in block order, right-padded.
         vision: The B prompts' vision dict (per-sequence entries shaped like ``prompt_ids``).
         model: Run this model instead of the policy (the reference copy).
         features: Output of :meth:`VLMBackbone.encode_images` to reuse instead of running the tower.
-        entropy, temperature: As in :meth:`VLMBackbone.token_logps`.
     """
     model = model if model is not None else bb.model
     assert model is not None, "VLMBackbone.load() first"
@@ -95,9 +92,24 @@ def shared_prefix_logps(
         **zeros,
     )
     # The prompt's last hidden state predicts token 0; completion token t predicts t + 1.
-    hidden = torch.cat(
-        [out.last_hidden_state[index, -1:], rest.last_hidden_state[:, :-1]], dim=1
-    )  # (R, N, H)
+    return torch.cat([out.last_hidden_state[index, -1:], rest.last_hidden_state[:, :-1]], dim=1)  # (R, N, H)
+
+
+def shared_prefix_logps(
+    bb: VLMBackbone,
+    *inputs: Any,
+    model: nn.Module | None = None,
+    features: dict[str, Any] | None = None,
+    entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(R, N) float32 completion log-probs (0 where the completion mask is 0) and entropies (or None).
+    ``inputs``, ``model``, ``features``: as in :func:`shared_prefix_hidden`; ``entropy``, ``temperature``: as
+    in :meth:`VLMBackbone.token_logps`."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask, vision = inputs
+    hidden = shared_prefix_hidden(
+        bb, prompt_ids, prompt_mask, completion_ids, completion_mask, vision, model, features
+    )
     targets = completion_mask.bool()
     logps, ent = bb.head_logps(hidden[targets], completion_ids[targets], model, entropy, temperature)
     lp = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
@@ -107,6 +119,17 @@ def shared_prefix_logps(
     ent_out = torch.zeros_like(lp)
     ent_out[targets] = ent
     return lp, ent_out
+
+
+def split(seq: dict[str, Any]) -> tuple:
+    """:func:`shared_prefix_hidden`'s first inputs from ``Rollout.sequences``' full sequences (block order:
+    the first B rows hold each prompt once)."""
+    P, R = seq["prompt_length"], seq["input_ids"].shape[0]
+    B = R // seq["copies"]
+    ids, mask = seq["input_ids"], seq["attention_mask"]
+    vision = {k: v[:B, :P] if isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == tuple(ids.shape) else v
+              for k, v in seq["vision"].items()}  # fmt: skip
+    return ids[:B, :P], mask[:B, :P], ids[:, P:], mask[:, P:], vision
 
 
 def _store(states: dict, new: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:

@@ -52,7 +52,7 @@ def _both(bb: VLMBackbone, x: dict, **kw) -> list:
     params = [p for p in bb.model.parameters() if p.requires_grad]
     weights = torch.rand(x["completion_ids"].shape, generator=torch.Generator().manual_seed(1)) + 0.5
     results = []
-    for fn in (_per_sequence, lambda bb, x, **kw: shared_prefix_logps(bb, **x, entropy=True, **kw)):
+    for fn in (_per_sequence, lambda bb, x, **kw: shared_prefix_logps(bb, *x.values(), entropy=True, **kw)):
         lp, ent = fn(bb, x, **kw)
         results.append((lp, ent, torch.autograd.grad((lp * weights).sum(), params, allow_unused=True)))
     return results
@@ -100,7 +100,7 @@ def test_shared_prefix_with_lora_and_its_reference(family, synthetic_dir):
                 p.normal_(std=0.05)
     _assert_equal(_both(bb, x), x["completion_mask"])
     with bb.reference() as ref:
-        a, b = _per_sequence(bb, x, model=ref)[0], shared_prefix_logps(bb, **x, model=ref)[0]
+        a, b = _per_sequence(bb, x, model=ref)[0], shared_prefix_logps(bb, *x.values(), model=ref)[0]
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, _per_sequence(bb, x)[0].detach(), atol=1e-3)  # the adapters were off
 
@@ -117,7 +117,7 @@ def test_router_aux_loss_of_the_two_passes_equals_the_per_sequence_one(backbones
     assert logits[0].shape[0] == mask.numel()
     a = load_balancing_loss(logits, experts, top_k, mask)
     with capture_router_logits(bb.model) as logits:
-        shared_prefix_logps(bb, **x)
+        shared_prefix_logps(bb, *x.values())
     assert [t.shape[0] for t in logits] == [x["prompt_mask"].numel()] * 2 + [x["completion_mask"].numel()] * 2
     b = shared_prefix_aux(logits, x["prompt_mask"], x["completion_mask"], experts, top_k)
     assert torch.allclose(a, b, atol=1e-6) and P > N

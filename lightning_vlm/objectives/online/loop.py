@@ -64,7 +64,7 @@ def forward(objective, rollout: Rollout, samples: list[int], model=None, entropy
     share = bb.vision_is_frozen or (model is None and not torch.is_grad_enabled())
     features = rollout.features if share else None
     rows = rollout.rows_of(samples)
-    prefix = _shared_prefix(objective, len(samples))
+    prefix = shared_prefix(objective, len(samples))
     seq = None if prefix else rollout.sequences(samples)
 
     def run():
@@ -72,7 +72,8 @@ def forward(objective, rollout: Rollout, samples: list[int], model=None, entropy
         if seq is None:
             prompt = (rollout.prompt_ids, rollout.prompt_mask)
             completion = (rollout.completion_ids[rows], rollout.completion_mask[rows])
-            return shared_prefix_logps(bb, *prompt, *completion, rollout.vision, model, features, entropy, T)
+            kw = {"model": model, "features": features, "entropy": entropy, "temperature": T}
+            return shared_prefix_logps(bb, *prompt, *completion, rollout.vision, **kw)
         inputs = (seq["input_ids"], seq["attention_mask"], seq["vision"], seq["target_mask"])
         out = bb.token_logps(*inputs, model, seq["copies"], features, entropy=entropy, temperature=T)
         lp, ent = out if entropy else (out, None)
@@ -93,12 +94,12 @@ def forward(objective, rollout: Rollout, samples: list[int], model=None, entropy
     return lp, ent, aux
 
 
-def _shared_prefix(objective, copies: int) -> bool:
-    """``OnlineSettings.shared_prefix`` applies: on, several samples per prompt, and no fallback reason
-    (warned once per objective)."""
+def shared_prefix(objective, copies: int, backbone=None) -> bool:
+    """``OnlineSettings.shared_prefix`` applies to ``backbone`` (the policy's by default): on, several
+    samples per prompt, and no fallback reason (warned once per objective)."""
     if not objective.settings.shared_prefix or copies < 2:
         return False
-    why = fallback_reason(objective.backbone)
+    why = fallback_reason(backbone or objective.backbone)
     if why is not None and not getattr(objective, "_prefix_warned", False):
         objective._prefix_warned = True
         rank_zero_warn(f"model.loop.shared_prefix is on but prompts are scored once per sample: {why}")
