@@ -50,7 +50,7 @@ LAYERS = {
 # images per text, the feature extractor of Gemma 4's processor, a builder's init hook).
 # The review of the family merge: +8 (the two-image probe, Gemma 4's audio tokens never generated).
 # The final review: -5 (one ViT tower size helper for five builders; Qwen3.5 reuses the Qwen builder).
-MAX_LINES, MAX_TOTAL = 300, 8245
+MAX_LINES, MAX_TOTAL = 300, 8240
 
 
 def _modules() -> dict[str, Path]:

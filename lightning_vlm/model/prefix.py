@@ -112,16 +112,13 @@ def shared_prefix_logps(
     )
     targets = completion_mask.bool()
     logps, ent = bb.head_logps(hidden[targets], completion_ids[targets], model, entropy, temperature)
-    lp = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-    lp[targets] = logps
-    if ent is None:
-        return lp, None
-    ent_out = torch.zeros_like(lp)
-    ent_out[targets] = ent
-    return lp, ent_out
+    zeros = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    return zeros.masked_scatter(targets, logps), (None if ent is None else zeros.masked_scatter(targets, ent))
 
 
-def split(seq: dict[str, Any]) -> tuple:
+def split(
+    seq: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """:func:`shared_prefix_hidden`'s first inputs from ``Rollout.sequences``' full sequences (block order:
     the first B rows hold each prompt once)."""
     P, R = seq["prompt_length"], seq["input_ids"].shape[0]

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_vlm.losses import StepTotals
 from lightning_vlm.model.moe import capture_router_logits, load_balancing_loss, moe_layout
-from lightning_vlm.model.prefix import fallback_reason, shared_prefix_aux, shared_prefix_logps
+from lightning_vlm.model.prefix import fallback_reason, shared_prefix_aux, shared_prefix_logps, split
 from lightning_vlm.rollout.rollout import Rollout
 
 # Metrics named in these sections keep their names (PPO's, as TRL and the N+ details paper name them, and
@@ -63,17 +63,15 @@ def forward(objective, rollout: Rollout, samples: list[int], model=None, entropy
     # nothing on the image side trains, else only the policy's no-grad passes until ``train`` drops them.
     share = bb.vision_is_frozen or (model is None and not torch.is_grad_enabled())
     features = rollout.features if share else None
-    rows = rollout.rows_of(samples)
-    prefix = shared_prefix(objective, len(samples))
-    seq = None if prefix else rollout.sequences(samples)
+    seq = rollout.sequences(samples)
+    prefix = shared_prefix(objective, seq["copies"])
+    T = rollout.temperature
 
     def run():
-        T = rollout.temperature
-        if seq is None:
-            prompt = (rollout.prompt_ids, rollout.prompt_mask)
-            completion = (rollout.completion_ids[rows], rollout.completion_mask[rows])
-            kw = {"model": model, "features": features, "entropy": entropy, "temperature": T}
-            return shared_prefix_logps(bb, *prompt, *completion, rollout.vision, **kw)
+        if prefix:
+            return shared_prefix_logps(
+                bb, *split(seq), model=model, features=features, entropy=entropy, temperature=T
+            )
         inputs = (seq["input_ids"], seq["attention_mask"], seq["vision"], seq["target_mask"])
         out = bb.token_logps(*inputs, model, seq["copies"], features, entropy=entropy, temperature=T)
         lp, ent = out if entropy else (out, None)
@@ -87,8 +85,8 @@ def forward(objective, rollout: Rollout, samples: list[int], model=None, entropy
     layout = moe_layout(bb.model)
     if layout is None:
         raise ValueError("model.loop.router_aux_coef > 0 needs a Mixture-of-Experts backbone")
-    if seq is None:
-        aux = shared_prefix_aux(router_logits, rollout.prompt_mask, rollout.completion_mask[rows], *layout)
+    if prefix:  # the two passes' router logits: (prompt mask, completion mask)
+        aux = shared_prefix_aux(router_logits, *split(seq)[1:4:2], *layout)
     else:
         aux = load_balancing_loss(router_logits, *layout, seq["attention_mask"])
     return lp, ent, aux
