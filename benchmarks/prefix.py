@@ -7,7 +7,8 @@ vision tower trained, fp32 on CPU, ``--threads`` torch threads, on-policy, beta 
 over the steps of each setting (the first step of each is warm-up and left out):
 
 - the whole step (rollout + training) and the training part alone (the update loop: forward, backward,
-  optimiser), as steps per second of on / off;
+  optimiser), as steps per second of on / off, and the training part's process CPU time (less
+  sensitive than wall time to other load on a shared machine);
 - memory: the bytes of activations saved for backward by the training forward (unique storages, the
   weights left out), the memory that grows with the number of sequences times their length, on / off.
   (CPU torch has no allocator peak counter; a process-wide peak RSS cannot be split between interleaved
@@ -19,6 +20,7 @@ over the steps of each setting (the first step of each is warm-up and left out):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -43,6 +45,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     train_times: list[float] = []
+    cpu_times: list[float] = []
     saved: list[int] = []
     settings: list[bool] = []
     inner_train = loop.train
@@ -60,12 +63,14 @@ def main() -> None:
                 storages[ptr] = t.untyped_storage().nbytes()
             return t
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             inner_train(objective, rollouts)
         train_times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - cpu0)
         saved.append(sum(storages.values()))
-        print(f"step {len(settings)} shared_prefix={on}: training {train_times[-1]:.2f} s, "
+        print(f"step {len(settings)} shared_prefix={on}: training {train_times[-1]:.2f} s "
+              f"(CPU {cpu_times[-1]:.2f} s), "
               f"saved {saved[-1] / 2**20:.0f} MiB", flush=True)  # fmt: skip
 
     loop.train = timed_train
@@ -81,14 +86,17 @@ def main() -> None:
         mine = [v for v, s in zip(values, settings, strict=True) if s == on][1:]  # the first is warm-up
         return statistics.median(mine)
 
+    load = os.getloadavg()[0]
     print(
+        f"load average {load:.1f} on {os.cpu_count()} CPUs after the run; "
         f"GRPO, {args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, vision trained, "
         f"fp32, {args.threads} threads; {args.steps} steps alternating shared_prefix on/off, medians after 1 "
         "warm-up step each"
     )
-    for name, values in (("whole step", step_times), ("training part", train_times)):
+    parts = (("whole step", step_times), ("training part", train_times), ("training CPU time", cpu_times))
+    for name, values in parts:
         on, off = median(values, True), median(values, False)
-        print(f"  {name:13s}: on {on:.3f} s, off {off:.3f} s; steps/s on / off = {off / on:.2f}x")
+        print(f"  {name:17s}: on {on:.3f} s, off {off:.3f} s; steps/s on / off = {off / on:.2f}x")
     on, off = median(saved, True), median(saved, False)
     print(
         f"  activations saved for backward: on {on / 2**20:.0f} MiB, off {off / 2**20:.0f} MiB; on / off = {on / off:.2f}"
