@@ -85,12 +85,13 @@ def test_shared_prefix_equals_per_sequence(family, vision, backbones, synthetic_
         _assert_equal(_both(bb, x, features=features, temperature=0.7), x["completion_mask"])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
-def test_shared_prefix_with_lora_and_its_reference(family, synthetic_dir):
+@pytest.mark.parametrize("family, vision", [("qwen2_vl", "lora"), ("qwen2_vl", "train"), ("gemma3", "lora")])
+def test_shared_prefix_with_lora_and_its_reference(family, vision, synthetic_dir):
+    """Adapters on the language model, and on the tower (``vision: lora``) or a fully trained tower."""
     torch.manual_seed(0)
     lora = LoraSettings(r=4, alpha=8, dropout=0.0)
     bb = VLMBackbone(
-        BackboneConfig(tiny=TinyVLM(family=family), lora=lora, vision="lora", logps_chunk_size=5)
+        BackboneConfig(tiny=TinyVLM(family=family), lora=lora, vision=vision, logps_chunk_size=5)
     )
     bb.load()
     x = _inputs(bb, synthetic_dir)
