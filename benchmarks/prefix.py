@@ -14,7 +14,7 @@ over the steps of each setting (the first step of each is warm-up and left out):
   (CPU torch has no allocator peak counter; a process-wide peak RSS cannot be split between interleaved
   steps.)
 
-    python benchmarks/prefix.py [--steps 10 --prompts 4 --generations 8 --new-tokens 32 --threads 2]
+    python benchmarks/prefix.py [--steps 14 --prompts 4 --generations 8 --new-tokens 32 --threads 2]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from grpo_common import build_model, make_rows
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="optimiser steps, alternating on and off")
+    parser.add_argument("--steps", type=int, default=14, help="optimiser steps, alternating on and off")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
