@@ -131,3 +131,18 @@ def test_fallback_reasons():
     config.gradient_checkpointing = True
     assert "gradient checkpointing" in fallback_reason(VLMBackbone(config))
     assert all(family in FAMILIES and why for family, why in UNSUPPORTED)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "glm4v", "qwen3_5", "gemma3"])
+def test_text_only_prompts_after_an_image_batch(family, backbones, synthetic_dir):  # noqa: F811
+    """Prompts without images (mRoPE models then set no ``rope_deltas``: a stale offset of the image batch
+    before must not shift them)."""
+    bb = backbones(family)
+    shared_prefix_logps(bb, *_inputs(bb, synthetic_dir).values())  # leaves the image batch's offsets
+    enc = bb.tokenizer(["the red circle is left of", "blue square"], return_tensors="pt", padding=True)
+    words = torch.randint(5, 50, (2 * COPIES, N), generator=torch.Generator().manual_seed(0))
+    x = {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"], "completion_ids": words,
+         "completion_mask": torch.ones_like(words), "vision": {}}  # fmt: skip
+    with torch.no_grad():
+        a, b = _per_sequence(bb, x)[0], shared_prefix_logps(bb, *x.values())[0]
+    assert torch.allclose(a, b, atol=1e-5) and (b < 0).all()
