@@ -50,7 +50,9 @@ LAYERS = {
 # images per text, the feature extractor of Gemma 4's processor, a builder's init hook).
 # The review of the family merge: +8 (the two-image probe, Gemma 4's audio tokens never generated).
 # The final review: -5 (one ViT tower size helper for five builders; Qwen3.5 reuses the Qwen builder).
-MAX_LINES, MAX_TOTAL = 300, 8240
+# Shared prefix under activation checkpointing: +33 (its own cache, kept by the checkpointed layers, read-only
+# for the completions, emptied for the prompt layers' replays).
+MAX_LINES, MAX_TOTAL = 300, 8273
 
 
 def _modules() -> dict[str, Path]:

@@ -7,15 +7,22 @@ prompt's last hidden state predicts every copy's first completion token. Autogra
 gradients through the repeat into the single prompt pass, so values and gradients equal those of
 ``copies`` full prompt + completion sequences (:meth:`VLMBackbone.token_logps`), for a fraction of the
 prompt's compute. Rows are in block order: copy k of prompt i is row ``k * B + i``.
+Activation checkpointing replays each layer in backward, cache included: the layers keep the cache in these
+passes, a prompt layer's replay finds an empty cache again and the completion pass only reads it (:func:`_read`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lightning_vlm.model.backbone import VLMBackbone
 from lightning_vlm.model.lora import unwrap
@@ -28,8 +35,9 @@ UNSUPPORTED: tuple[tuple[str, str], ...] = ()
 
 def fallback_reason(bb: VLMBackbone) -> str | None:
     """Why ``bb`` must score prompt + completion per sequence, or None when the shared prefix applies."""
-    if bb.config.gradient_checkpointing:
-        return "gradient checkpointing drops the KV cache (transformers' GradientCheckpointingLayer)"
+    keeps_cache = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")  # 5.24 has it
+    if bb.config.gradient_checkpointing and not keeps_cache:
+        return "gradient checkpointing drops the KV cache (this transformers' GradientCheckpointingLayer)"
     model_type = getattr(bb.hf_config, "model_type", None)
     return next((why for family, why in UNSUPPORTED if family == model_type), None)
 
@@ -64,14 +72,14 @@ def shared_prefix_hidden(
     for m in inner.modules():  # mRoPE: no stale offset of an earlier batch (a text-only prompt sets none)
         if hasattr(m, "rope_deltas"):
             m.rope_deltas = None
-    out = inner(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **vision)
-    name = "cache" if "cache" in out else "past_key_values"  # transformers' newer name, and its older one
-    cache = out[name]
+    name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"  # older
+    config: Any = unwrap(model).config
+    cache, kw = DynamicCache(config=config), {"use_cache": True}  # ours: checkpointing makes none
+    with _cache_kept(inner):
+        out = inner(input_ids=prompt_ids, attention_mask=prompt_mask, **{name: cache}, **kw, **vision)
     index = torch.arange(B, device=prompt_ids.device).repeat(R // B)  # (R,) the prompt of each row
-    cache.reorder_cache(index)
-    for layer in getattr(cache, "layers", []):  # linear attention (Qwen3.5's Gated DeltaNet), see _store
-        if isinstance(getattr(layer, "recurrent_states", None), dict):
-            layer.update_recurrent_state = functools.partial(_store, layer.recurrent_states)
+    prompt = _read(cache, index)
+    cache.layers = DynamicCache(config=config).layers  # what the prompt layers' replays start from
     mask = torch.cat([prompt_mask[index], completion_mask], dim=1)  # (R, P+N)
     # Each row's positions continue from its prompt's, as in one prompt + completion sequence: the count
     # of tokens before them (pads included, the models' default numbering), shifted by mRoPE's offset.
@@ -83,14 +91,9 @@ def shared_prefix_hidden(
         text = mask.long().cumsum(-1)[:, P:] - 1  # mRoPE numbers real tokens only
         positions = (text + deltas[0].rope_deltas).unsqueeze(0).expand(3, R, N)  # (3, R, N)
     zeros = {k: vision[k].new_zeros(R, N) for k in per_sequence}  # mm_token_type_ids, ...: text after P
-    rest = inner(
-        input_ids=completion_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        **{name: cache},
-        **zeros,
-    )
+    with _cache_kept(inner):
+        rest = inner(input_ids=completion_ids, attention_mask=mask, position_ids=positions, **{name: prompt}, **kw,
+                     **zeros)  # fmt: skip
     # The prompt's last hidden state predicts token 0; completion token t predicts t + 1.
     return torch.cat([out.last_hidden_state[index, -1:], rest.last_hidden_state[:, :-1]], dim=1)  # (R, N, H)
 
@@ -129,11 +132,41 @@ def split(
     return ids[:B, :P], mask[:B, :P], ids[:, P:], mask[:, P:], vision
 
 
-def _store(states: dict, new: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
-    """A linear-attention layer's state update without transformers' in-place ``copy_``: the completion pass's
-    graph still holds the repeated prompt state that the copy would overwrite (autograd refuses it)."""
-    states[state_idx] = new
-    return new
+@contextlib.contextmanager
+def _cache_kept(model: nn.Module):
+    """Checkpointed layers keep the cache (transformers drops it unless their class says they may)."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache
+
+
+def _read(cache: Any, index: torch.Tensor) -> Any:
+    """The prompt pass's ``cache``, rows repeated by ``index`` (linear-attention states too), for the completion
+    pass to read: an update returns the prompt's states joined with the new ones and stores nothing, so a
+    replay reads the same prompt states (and no in-place copy overwrites states the graph holds)."""
+    prompt = copy.copy(cache)
+    prompt.reorder_cache(index)
+    for layer in prompt.layers:
+        layer.update = functools.partial(_joined, layer)
+        if isinstance(getattr(layer, "conv_states", None), dict):  # linear attention (Qwen3.5's DeltaNet)
+            layer.update_conv_state = functools.partial(_joined_conv, layer)
+            layer.update_recurrent_state = lambda new, *args, **kwargs: new
+    return prompt
+
+
+def _joined(layer: Any, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
+    """Attention: the prompt's keys and values (sliding window: its last ones), then the new ones."""
+    return torch.cat([layer.keys, keys], dim=-2), torch.cat([layer.values, values], dim=-2)
+
+
+def _joined_conv(layer: Any, new: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+    """Linear attention's convolution: the prompt's last inputs, then the new ones."""
+    return torch.cat([layer.conv_states[state_idx], new], dim=-1)
 
 
 def shared_prefix_aux(

@@ -4,10 +4,14 @@ tiny family. Tolerances (float32): atol 1e-5 on log-probs; gradients within 1e-5
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from transformers.cache_utils import Cache
 
 from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM, VLMBackbone
+from lightning_vlm.model import prefix
 from lightning_vlm.model.moe import capture_router_logits, load_balancing_loss, moe_layout
 from lightning_vlm.model.prefix import UNSUPPORTED, fallback_reason, shared_prefix_aux, shared_prefix_logps
 from lightning_vlm.model.tiny import FAMILIES
@@ -47,15 +51,42 @@ def _per_sequence(bb: VLMBackbone, x: dict, **kw) -> tuple[torch.Tensor, torch.T
     return lp[:, P:], ent[:, P:]
 
 
-def _both(bb: VLMBackbone, x: dict, **kw) -> list:
-    """(log-probs, entropies, gradients of every trainable weight) per sequence, then with the shared prefix."""
+@contextlib.contextmanager
+def _checkpointed(bb: VLMBackbone, on: bool):
+    """Activation checkpointing as ``backbone.gradient_checkpointing`` turns it on (non-reentrant), for the
+    block; yields the count of cache updates (attention and linear attention), replays in backward included."""
+    calls = [0]
+
+    def counted(original):
+        return lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or original(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("update", "update_conv_state"):
+            mp.setattr(Cache, name, counted(getattr(Cache, name)))
+        if on:
+            bb.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            yield calls
+        finally:
+            bb.model.activation_checkpointing_disable()
+
+
+def _both(bb: VLMBackbone, x: dict, checkpointing: bool = False, **kw) -> list:
+    """(log-probs, entropies, gradients of every trainable weight) per sequence, then with the shared prefix
+    (with ``checkpointing``: under activation checkpointing, against the per-sequence forward without)."""
     params = [p for p in bb.model.parameters() if p.requires_grad]
     weights = torch.rand(x["completion_ids"].shape, generator=torch.Generator().manual_seed(1)) + 0.5
-    results = []
-    for fn in (_per_sequence, lambda bb, x, **kw: shared_prefix_logps(bb, *x.values(), entropy=True, **kw)):
-        lp, ent = fn(bb, x, **kw)
-        results.append((lp, ent, torch.autograd.grad((lp * weights).sum(), params, allow_unused=True)))
-    return results
+    lp, ent = _per_sequence(bb, x, **kw)
+    results = [(lp, ent, torch.autograd.grad((lp * weights).sum(), params, allow_unused=True))]
+    counts = []
+    for on in (False, checkpointing) if checkpointing else (False,):
+        with _checkpointed(bb, on) as calls:
+            lp, ent = shared_prefix_logps(bb, *x.values(), entropy=True, **kw)
+            grads = torch.autograd.grad((lp * weights).sum(), params, allow_unused=True)
+        counts.append(calls[0])
+    if checkpointing:  # backward replayed every layer, cache updates included: the mechanism was exercised
+        assert counts[1] == 2 * counts[0] > 0, counts
+    return [*results, (lp, ent, grads)]
 
 
 def _assert_same_grads(a, b) -> None:
@@ -73,21 +104,27 @@ def _assert_equal(results: list, mask: torch.Tensor) -> None:
     _assert_same_grads(ga, gb)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("vision", ["frozen", "train"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shared_prefix_equals_per_sequence(family, vision, backbones, synthetic_dir):  # noqa: F811
+def test_shared_prefix_equals_per_sequence(family, vision, checkpointing, backbones, synthetic_dir):  # noqa: F811
+    """Also under activation checkpointing (the zoo's online recipes), where backward replays each layer with
+    the cache: against the per-sequence forward without checkpointing."""
     bb = backbones(family, vision)
     x = _inputs(bb, synthetic_dir)
-    _assert_equal(_both(bb, x), x["completion_mask"])
+    _assert_equal(_both(bb, x, checkpointing), x["completion_mask"])
     if vision == "frozen":  # precomputed (rollout) features and the sampling temperature
         with torch.no_grad():  # as the rollout's (LLaVA's projector trains with a frozen tower)
             features = bb.encode_images(x["vision"])
-        _assert_equal(_both(bb, x, features=features, temperature=0.7), x["completion_mask"])
+        both = _both(bb, x, checkpointing, features=features, temperature=0.7)
+        _assert_equal(both, x["completion_mask"])
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("family, vision", [("qwen2_vl", "lora"), ("qwen2_vl", "train"), ("gemma3", "lora")])
-def test_shared_prefix_with_lora_and_its_reference(family, vision, synthetic_dir):
-    """Adapters on the language model, and on the tower (``vision: lora``) or a fully trained tower."""
+def test_shared_prefix_with_lora_and_its_reference(family, vision, checkpointing, synthetic_dir):
+    """Adapters on the language model, and on the tower (``vision: lora``) or a fully trained tower; also
+    under activation checkpointing."""
     torch.manual_seed(0)
     lora = LoraSettings(r=4, alpha=8, dropout=0.0)
     bb = VLMBackbone(
@@ -99,14 +136,19 @@ def test_shared_prefix_with_lora_and_its_reference(family, vision, synthetic_dir
         for name, p in bb.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    _assert_equal(_both(bb, x), x["completion_mask"])
+    _assert_equal(_both(bb, x, checkpointing), x["completion_mask"])
     with bb.reference() as ref:
         a, b = _per_sequence(bb, x, model=ref)[0], shared_prefix_logps(bb, *x.values(), model=ref)[0]
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, _per_sequence(bb, x)[0].detach(), atol=1e-3)  # the adapters were off
 
 
-def test_router_aux_loss_of_the_two_passes_equals_the_per_sequence_one(backbones, synthetic_dir):  # noqa: F811
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_router_aux_loss_of_the_two_passes_equals_the_per_sequence_one(
+    checkpointing,
+    backbones,  # noqa: F811
+    synthetic_dir,
+):
     bb = backbones("qwen3_vl_moe")
     x = _inputs(bb, synthetic_dir)
     experts, top_k = moe_layout(bb.model)
@@ -117,19 +159,23 @@ def test_router_aux_loss_of_the_two_passes_equals_the_per_sequence_one(backbones
     mask = torch.cat([x["prompt_mask"].repeat(COPIES, 1), x["completion_mask"]], 1)
     assert logits[0].shape[0] == mask.numel()
     a = load_balancing_loss(logits, experts, top_k, mask)
-    with capture_router_logits(bb.model) as logits:
+    with _checkpointed(bb, checkpointing), capture_router_logits(bb.model) as logits:
         shared_prefix_logps(bb, *x.values())
-    assert [t.shape[0] for t in logits] == [x["prompt_mask"].numel()] * 2 + [x["completion_mask"].numel()] * 2
-    b = shared_prefix_aux(logits, x["prompt_mask"], x["completion_mask"], experts, top_k)
+        sizes = [t.shape[0] for t in logits]
+        b = shared_prefix_aux(logits, x["prompt_mask"], x["completion_mask"], experts, top_k)
+        grads = torch.autograd.grad(b, routers)
+    assert sizes == [x["prompt_mask"].numel()] * 2 + [x["completion_mask"].numel()] * 2
     assert torch.allclose(a, b, atol=1e-6) and P > N
-    _assert_same_grads(torch.autograd.grad(a, routers), torch.autograd.grad(b, routers))
+    _assert_same_grads(torch.autograd.grad(a, routers), grads)
 
 
-def test_fallback_reasons():
-    config = BackboneConfig(tiny=TinyVLM(family="qwen2_vl"))
-    assert fallback_reason(VLMBackbone(config)) is None
-    config.gradient_checkpointing = True
+def test_fallback_reasons(monkeypatch):
+    config = BackboneConfig(tiny=TinyVLM(family="qwen2_vl"), gradient_checkpointing=True)
+    assert fallback_reason(VLMBackbone(config)) is None  # the layers keep the cache (see test above)
+    monkeypatch.setattr(prefix, "GradientCheckpointingLayer", torch.nn.Module)  # an older transformers
     assert "gradient checkpointing" in fallback_reason(VLMBackbone(config))
+    config.gradient_checkpointing = False
+    assert fallback_reason(VLMBackbone(config)) is None
     assert all(family in FAMILIES and why for family, why in UNSUPPORTED)
 
 

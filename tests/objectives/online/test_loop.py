@@ -15,6 +15,7 @@ import torch
 
 from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM
 from lightning_vlm.losses import grpo_loss, gspo_loss
+from lightning_vlm.model import prefix
 from lightning_vlm.objectives import GRPO, GSPO
 from lightning_vlm.objectives.online import Chunk, OnlineSettings, loop
 from lightning_vlm.rollout import Generation, HFEngine, Rollout, RolloutEngine
@@ -391,16 +392,19 @@ def _handed_over(module, sampled: Rollout) -> Rollout:
     return taken
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("cls", [GRPO, GSPO])
-def test_shared_prefix_gives_the_per_sequence_step(cls, synthetic_dir):
+def test_shared_prefix_gives_the_per_sequence_step(cls, checkpointing, synthetic_dir):
     """One step with ``shared_prefix`` on and off (trained tower, a reference, 2 optimiser steps so the
-    old-policy pass runs): the same old and reference log-probs, losses and gradients."""
+    old-policy pass runs): the same old and reference log-probs, losses and gradients; also with the
+    shared prefix under gradient checkpointing (the zoo's recipes), against the plain forward without."""
     modules = [
         build(
             cls,
             vision="train",
             loop={"shared_prefix": on, "mini_batches": 2, "max_grad_norm": None},
             beta=0.1,
+            checkpointing=checkpointing and on,
         )
         for on in (1, 0)
     ]
@@ -422,9 +426,11 @@ def test_shared_prefix_gives_the_per_sequence_step(cls, synthetic_dir):
     assert [c[0] for c in calls["lm"] if c[2]] == [B, B * G // 2] * 2  # the prompts once per forward
 
 
-def test_gradient_checkpointing_falls_back_to_per_sequence_forwards(synthetic_dir):
-    """Under gradient checkpointing transformers drops the KV cache, so the completions would not see the
-    prompt: the loop scores per sequence and says why, once."""
+def test_gradient_checkpointing_falls_back_to_per_sequence_forwards(synthetic_dir, monkeypatch):
+    """Under gradient checkpointing a transformers whose checkpointed layers cannot keep the KV cache
+    (``GradientCheckpointingLayer`` without ``_can_checkpoint_with_cache``) drops it, so the completions
+    would not see the prompt: the loop scores per sequence and says why, once."""
+    monkeypatch.setattr(prefix, "GradientCheckpointingLayer", torch.nn.Module)  # a layer class without it
     torch.manual_seed(0)
     config = BackboneConfig(tiny=TinyVLM(family="qwen2_vl"), gradient_checkpointing=True)
     module = GRPO(config, loop=OnlineSettings(mini_batches=2))
