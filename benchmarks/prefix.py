@@ -12,9 +12,12 @@ over the steps of each setting (the first step of each is warm-up and left out):
 - memory: the bytes of activations saved for backward by the training forward (unique storages, the
   weights left out), the memory that grows with the number of sequences times their length, on / off.
   (CPU torch has no allocator peak counter; a process-wide peak RSS cannot be split between interleaved
-  steps.)
+  steps.) Under ``--checkpointing`` (``backbone.gradient_checkpointing``) that is what is saved outside the
+  checkpointed layers, the layers' inputs included (which torch's checkpoint keeps for the replay); the
+  replay's own activations live only during one layer's backward.
 
     python benchmarks/prefix.py [--steps 14 --prompts 4 --generations 8 --new-tokens 32 --threads 2]
+                                [--checkpointing]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpointing", action="store_true", help="backbone.gradient_checkpointing on")
     args = parser.parse_args()
 
     import torch
@@ -80,6 +84,7 @@ def main() -> None:
         step_times = run_ours(
             model_dir, rows, args.steps, num_generations=args.generations, prompts_per_step=args.prompts,
             max_completion_length=args.new_tokens, vision="train", seed=args.seed, out_dir=tmp + "/run",
+            gradient_checkpointing=args.checkpointing,
         )  # fmt: skip
 
     def median(values: list, on: bool) -> float:
@@ -90,7 +95,7 @@ def main() -> None:
     print(
         f"load average {load:.1f} on {os.cpu_count()} CPUs after the run; "
         f"GRPO, {args.prompts} prompts x G {args.generations} x {args.new_tokens} new tokens, vision trained, "
-        f"fp32, {args.threads} threads; {args.steps} steps alternating shared_prefix on/off, medians after 1 "
+        f"fp32, {args.threads} threads, gradient checkpointing {'on' if args.checkpointing else 'off'}; {args.steps} steps alternating shared_prefix on/off, medians after 1 "
         "warm-up step each"
     )
     parts = (("whole step", step_times), ("training part", train_times), ("training CPU time", cpu_times))
