@@ -61,6 +61,7 @@ def run_ours(
     vision: str = "frozen",
     device: str = "cpu",
     stats: dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> list[float]:
     """Train lightning-vlm's GRPO (``token``) or GSPO (``sequence``) for ``steps`` optimiser steps on the
     same folder, rows and settings as ``run_trl`` and return each step's wall time (seconds): from the
@@ -84,7 +85,9 @@ def run_ours(
             user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}
             f.write(json.dumps({"images": [str(path)], "prompt": [user], "answer": row["answer"]}) + "\n")
     low, high = EPSILONS[importance_sampling_level]
-    backbone = BackboneConfig(model_name_or_path=model_dir, vision=vision)
+    backbone = BackboneConfig(
+        model_name_or_path=model_dir, vision=vision, gradient_checkpointing=gradient_checkpointing
+    )
     common = dict(lr=lr, eps_low=low, eps_high=high, beta=0.0, loop=OnlineSettings(max_grad_norm=None))
     if importance_sampling_level == "sequence":
         module = GSPO(backbone, **common)

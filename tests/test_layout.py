@@ -53,7 +53,9 @@ LAYERS = {
 # Padding-free packed SFT (issue 15): +205 (model/packing.py 101, data/packing.py 51, the SFT datamodule's
 # packing and max_tokens with the token-budget sampler, the backbone's packed branch, row lengths kept).
 # Resuming packed SFT with another data.packing or data.max_tokens is refused: +23 (data/sft.py).
-MAX_LINES, MAX_TOTAL = 300, 8281
+# Shared prefix under activation checkpointing: +33 (its own cache, kept by the checkpointed layers, read-only
+# for the completions, emptied for the prompt layers' replays).
+MAX_LINES, MAX_TOTAL = 300, 8500
 
 
 def _modules() -> dict[str, Path]:

@@ -218,13 +218,24 @@ class VLMBackbone(nn.Module):
         Returns:
             (B, T) float32 log-probs, 0 where ``target_mask`` is False (and the (B, T) entropies).
         """
-        head = unwrap(model if model is not None else self.model).get_output_embeddings()
         hidden = self.hidden_states(input_ids, attention_mask, vision, model, copies, features, packed)
         targets = target_mask[:, 1:].bool()  # position t-1 predicts token t
-        h = hidden[:, :-1][targets]  # (N, H)
-        y = input_ids[:, 1:][targets]  # (N,)
-        chunk = max(1, self.config.logps_chunk_size)
-        parts, entropies = [], []
+        h, y = hidden[:, :-1][targets], input_ids[:, 1:][targets]  # (N, H), (N,)
+        logps, ent = self.head_logps(h, y, model, entropy, temperature)
+        out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        ent_out = torch.zeros_like(out) if entropy else None
+        out[:, 1:][targets] = logps
+        if ent_out is not None:
+            ent_out[:, 1:][targets] = ent
+        return (out, ent_out) if entropy else out
+
+    def head_logps(
+        self, h: torch.Tensor, y: torch.Tensor, model: nn.Module | None, entropy: bool, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N,) log-probs of targets ``y`` from hidden states ``h`` (N, H) (and their entropies): the LM head in
+        chunks of ``logps_chunk_size``, recomputed in backward (see :meth:`token_logps`)."""
+        head = unwrap(model if model is not None else self.model).get_output_embeddings()
+        chunk, parts, entropies = max(1, self.config.logps_chunk_size), [], []
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             args = (h[rows], y[rows], head, self.logit_softcap, entropy, temperature)
@@ -232,15 +243,9 @@ class VLMBackbone(nn.Module):
                 logps, ent = checkpoint(_chunk_logps, *args, use_reentrant=False)
             else:
                 logps, ent = _chunk_logps(*args)
-            parts.append(logps)
-            entropies.append(ent)
-        out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-        ent_out = torch.zeros_like(out) if entropy else None
-        if parts:
-            out[:, 1:][targets] = torch.cat(parts)
-            if entropy:
-                ent_out[:, 1:][targets] = torch.cat(entropies)
-        return (out, ent_out) if entropy else out
+            parts, entropies = [*parts, logps], [*entropies, ent]
+        none = [h.new_zeros(0, dtype=torch.float32)]  # no targets at all
+        return torch.cat(parts or none), (torch.cat(entropies or none) if entropy else None)
 
     @contextlib.contextmanager
     def reference(self):

@@ -91,12 +91,16 @@ def prompt_batch(dm, n: int | None = None, start: int = 0) -> dict:
     return PromptCollator(dm.processor)([ds[i] for i in range(start, start + n)])
 
 
-def build(cls=GRPO, family="qwen2_vl", vision="frozen", lora=None, loop=None, **kw):
-    """A configured tiny objective; ``loop``: keyword arguments of ``OnlineSettings``."""
+def build(cls=GRPO, family="qwen2_vl", vision="frozen", lora=None, loop=None, checkpointing=False, **kw):
+    """A configured tiny objective; ``loop``: keyword arguments of ``OnlineSettings``; ``checkpointing``:
+    ``backbone.gradient_checkpointing``."""
     torch.manual_seed(0)
     if loop is not None:
         kw["loop"] = OnlineSettings(**loop)
-    module = cls(BackboneConfig(tiny=TinyVLM(family=family), vision=vision, lora=lora), **kw)
+    config = BackboneConfig(
+        tiny=TinyVLM(family=family), vision=vision, lora=lora, gradient_checkpointing=checkpointing
+    )
+    module = cls(config, **kw)
     module.configure_model()
     return module
 

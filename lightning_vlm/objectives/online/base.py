@@ -54,6 +54,9 @@ class OnlineSettings:
         tis_cap: Truncated importance sampling: the policy-gradient term is weighted by
             ``min(pi_old / pi_sampler, tis_cap)`` (per token; per sequence for GSPO), on whenever the
             engine is not the trainer itself, i.e. the rollout carries engine log-probs; null: off.
+        shared_prefix: Score the samples of a prompt with one forward of the prompt (its KV cache repeated
+            for the samples, gradients summed back into it) instead of one prompt + completion sequence per
+            sample; same values and gradients. Falls back (warned once) under gradient checkpointing.
     """
 
     num_iterations: int = 1
@@ -62,6 +65,7 @@ class OnlineSettings:
     max_grad_norm: float | None = 1.0
     router_aux_coef: float = 0.0
     tis_cap: float | None = 2.0
+    shared_prefix: bool = True
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_vlm.losses import StepTotals
 from lightning_vlm.model.moe import capture_router_logits, load_balancing_loss, moe_layout
+from lightning_vlm.model.prefix import fallback_reason, shared_prefix_aux, shared_prefix_logps, split
 from lightning_vlm.rollout.rollout import Rollout
 
 # Metrics named in these sections keep their names (PPO's, as TRL and the N+ details paper name them, and
@@ -57,35 +59,49 @@ def logps(objective, rollout: Rollout, model=None) -> torch.Tensor:
 def forward(objective, rollout: Rollout, samples: list[int], model=None, entropy: bool = False):
     """(log-probs (R, N), entropies or None, router aux loss or None) for ``samples`` of every prompt."""
     bb = objective.backbone
-    seq = rollout.sequences(samples)
     # The rollout's features (no gradient, the sampling weights; see Rollout) serve every forward when
     # nothing on the image side trains, else only the policy's no-grad passes until ``train`` drops them.
     share = bb.vision_is_frozen or (model is None and not torch.is_grad_enabled())
     features = rollout.features if share else None
-    args = (
-        seq["input_ids"],
-        seq["attention_mask"],
-        seq["vision"],
-        seq["target_mask"],
-        model,
-        seq["copies"],
-        features,
-    )
-    kw = {"entropy": entropy, "temperature": rollout.temperature}
-    aux = None
-    if objective.settings.router_aux_coef and model is None and torch.is_grad_enabled():
-        with capture_router_logits(bb.model) as router_logits:
-            out = bb.token_logps(*args, **kw)
-        layout = moe_layout(bb.model)
-        if layout is None:
-            raise ValueError("model.loop.router_aux_coef > 0 needs a Mixture-of-Experts backbone")
-        experts, top_k = layout
-        aux = load_balancing_loss(router_logits, experts, top_k, seq["attention_mask"])
+    seq = rollout.sequences(samples)
+    prefix = shared_prefix(objective, seq["copies"])
+    T = rollout.temperature
+
+    def run():
+        if prefix:
+            return shared_prefix_logps(
+                bb, *split(seq), model=model, features=features, entropy=entropy, temperature=T
+            )
+        inputs = (seq["input_ids"], seq["attention_mask"], seq["vision"], seq["target_mask"])
+        out = bb.token_logps(*inputs, model, seq["copies"], features, entropy=entropy, temperature=T)
+        lp, ent = out if entropy else (out, None)
+        P = seq["prompt_length"]
+        return lp[:, P:], (ent[:, P:] if ent is not None else None)
+
+    if not (objective.settings.router_aux_coef and model is None and torch.is_grad_enabled()):
+        return (*run(), None)
+    with capture_router_logits(bb.model) as router_logits:
+        lp, ent = run()
+    layout = moe_layout(bb.model)
+    if layout is None:
+        raise ValueError("model.loop.router_aux_coef > 0 needs a Mixture-of-Experts backbone")
+    if prefix:  # the two passes' router logits: (prompt mask, completion mask)
+        aux = shared_prefix_aux(router_logits, *split(seq)[1:4:2], *layout)
     else:
-        out = bb.token_logps(*args, **kw)
-    lp, ent = out if entropy else (out, None)
-    P = seq["prompt_length"]
-    return lp[:, P:], (ent[:, P:] if ent is not None else None), aux
+        aux = load_balancing_loss(router_logits, *layout, seq["attention_mask"])
+    return lp, ent, aux
+
+
+def shared_prefix(objective, copies: int, backbone=None) -> bool:
+    """``OnlineSettings.shared_prefix`` applies to ``backbone`` (the policy's by default): on, several
+    samples per prompt, and no fallback reason (warned once per objective)."""
+    if not objective.settings.shared_prefix or copies < 2:
+        return False
+    why = fallback_reason(backbone or objective.backbone)
+    if why is not None and not getattr(objective, "_prefix_warned", False):
+        objective._prefix_warned = True
+        rank_zero_warn(f"model.loop.shared_prefix is on but prompts are scored once per sample: {why}")
+    return why is None
 
 
 def train(objective, rollouts: list[Rollout]) -> None:

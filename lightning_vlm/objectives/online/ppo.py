@@ -133,7 +133,8 @@ class PPO(OnlineObjective):
             frozen = has_images(rollout.vision) and cb.vision_is_frozen
             with torch.no_grad():
                 rollout.extra["critic_features"] = cb.encode_images(rollout.vision) if frozen else None
-        return self.critic.values(rollout.sequences(samples), rollout.extra["critic_features"])
+        shared = loop.shared_prefix(self, len(samples), self.critic.backbone)
+        return self.critic.values(rollout.sequences(samples), rollout.extra["critic_features"], shared)
 
     @torch.no_grad()
     def advantages(self, rollout: Rollout) -> torch.Tensor:

@@ -29,6 +29,7 @@ from lightning_vlm.data.preference import prompt_messages, response_messages
 from lightning_vlm.data.rows import as_list, open_image
 from lightning_vlm.losses import reward_model_loss
 from lightning_vlm.model.backbone import BackboneConfig, VLMBackbone
+from lightning_vlm.model.prefix import shared_prefix_hidden, split
 from lightning_vlm.model.vision import has_images
 from lightning_vlm.objectives.preference.base import PreferenceObjective
 
@@ -140,8 +141,14 @@ class Critic(nn.Module):
         self.backbone.load()
         freeze_lm_head(self.backbone.model)
 
-    def values(self, seq: dict[str, Any], features: dict | None = None) -> torch.Tensor:
-        """(R, N) value of the state before each completion token (``Rollout.sequences`` inputs)."""
+    def values(
+        self, seq: dict[str, Any], features: dict | None = None, shared_prefix: bool = False
+    ) -> torch.Tensor:
+        """(R, N) value of the state before each completion token (``Rollout.sequences`` inputs); with
+        ``shared_prefix``, from one forward of each prompt (``lightning_vlm.model.prefix``)."""
+        if shared_prefix:
+            h = shared_prefix_hidden(self.backbone, *split(seq), features=features)  # (R, N, H)
+            return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
         hidden = self.backbone.hidden_states(
             seq["input_ids"], seq["attention_mask"], seq["vision"], copies=seq["copies"], features=features
         )  # (R, P+N, H)

@@ -4,6 +4,7 @@ reference), the objectives' losses are their loss functions, and the MoE router 
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from dataclasses import replace
@@ -14,8 +15,9 @@ import torch
 
 from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM
 from lightning_vlm.losses import grpo_loss, gspo_loss
+from lightning_vlm.model import prefix
 from lightning_vlm.objectives import GRPO, GSPO
-from lightning_vlm.objectives.online import Chunk, loop
+from lightning_vlm.objectives.online import Chunk, OnlineSettings, loop
 from lightning_vlm.rollout import Generation, HFEngine, Rollout, RolloutEngine
 from lightning_vlm.rollout.rollout import completion_mask
 from tests.helpers.online import (
@@ -24,6 +26,7 @@ from tests.helpers.online import (
     Batches,
     G,
     Spy,
+    bind,
     build,
     count_calls,
     fit,
@@ -34,6 +37,7 @@ from tests.helpers.online import (
     prompt_dm,
     rollout_callback,
     snapshot,
+    train_manually,
 )
 
 
@@ -46,8 +50,9 @@ def test_frozen_tower_runs_once_and_the_prompt_is_prefilled_once(grpo_run):
     decode = [c for c in calls["lm"] if c[1] == 1]
     assert len(decode) == NEW and all(c[0] == B * G for c in decode)  # G continuations per prompt
     training = [c for c in calls["lm"] if c[2]]
-    assert [c[0] for c in training] == [B * G]  # one training forward: all samples, no re-encoding
-    assert len(calls["lm"]) == 1 + NEW + 1  # no old-policy and no reference forward
+    # One training forward, no re-encoding: the B prompts once (shared prefix), then all samples' completions.
+    assert [c[:2] for c in training] == [(B, prefills[0][1] + 1), (B * G, NEW)]  # the prefill: all but one
+    assert len(calls["lm"]) == 1 + NEW + 2  # no old-policy and no reference forward
 
 
 def test_trained_tower_runs_once_per_rollout_and_once_per_forward(synthetic_dir):
@@ -59,7 +64,7 @@ def test_trained_tower_runs_once_per_rollout_and_once_per_forward(synthetic_dir)
     assert calls["tower"] == [patches] * 3  # rollout + one per forward (accumulation=2), each B prompts once
     prefills = [c for c in calls["lm"] if c[1] > 1 and not c[2]]
     assert [c[0] for c in prefills] == [B]
-    assert [c[0] for c in calls["lm"] if c[2]] == [B * G // 2] * 2
+    assert [c[0] for c in calls["lm"] if c[2]] == [B, B * G // 2] * 2  # shared prefix: prompts, completions
 
 
 def test_trained_tower_old_policy_pass_reuses_the_rollout_features(synthetic_dir):
@@ -377,3 +382,63 @@ def test_grad_norm_is_logged_before_the_loops_clipping(synthetic_dir):
     (want,) = norms
     assert want > 1e-2  # far above max_grad_norm: a clipped norm would read 1e-4
     assert float(trainer.callback_metrics["train/grad_norm"]) == pytest.approx(want, rel=1e-4)
+
+
+# ---------------------------------------------------------------- shared prefix
+def _handed_over(module, sampled: Rollout) -> Rollout:
+    """A copy of ``sampled`` after ``module``'s ``on_rollout`` (old-policy and reference log-probs)."""
+    module.on_rollout([copy.deepcopy(sampled)], "train")
+    (taken,) = module._rollouts.pop("train")
+    return taken
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("cls", [GRPO, GSPO])
+def test_shared_prefix_gives_the_per_sequence_step(cls, checkpointing, synthetic_dir):
+    """One step with ``shared_prefix`` on and off (trained tower, a reference, 2 optimiser steps so the
+    old-policy pass runs): the same old and reference log-probs, losses and gradients; also with the
+    shared prefix under gradient checkpointing (the zoo's recipes), against the plain forward without."""
+    modules = [
+        build(
+            cls,
+            vision="train",
+            loop={"shared_prefix": on, "mini_batches": 2, "max_grad_norm": None},
+            beta=0.1,
+            checkpointing=checkpointing and on,
+        )
+        for on in (1, 0)
+    ]
+    calls = count_calls(modules[0])
+    batch = prompt_batch(prompt_dm(modules[0].backbone.processor, synthetic_dir), start=1)
+    sampled = bind(rollout_callback(), modules[1]).sample(modules[1], batch)
+    (a, b) = [_handed_over(m, sampled) for m in modules]
+    assert torch.allclose(a.old_logps, b.old_logps, atol=1e-5) and torch.allclose(
+        a.ref_logps, b.ref_logps, atol=1e-5
+    )
+    (la, ga), (lb, gb) = [
+        train_manually(m, [r], accumulation=1) for m, r in zip(modules, (a, b), strict=True)
+    ]
+    assert torch.allclose(la, lb, atol=1e-6) and la.abs().max() > 0
+    for step_a, step_b in zip(ga, gb, strict=True):
+        assert step_a.keys() == step_b.keys()
+        for name, g in step_a.items():
+            assert (g - step_b[name]).abs().max() <= 1e-5 + 1e-4 * g.abs().max(), name
+    assert [c[0] for c in calls["lm"] if c[2]] == [B, B * G // 2] * 2  # the prompts once per forward
+
+
+def test_gradient_checkpointing_falls_back_to_per_sequence_forwards(synthetic_dir, monkeypatch):
+    """Under gradient checkpointing a transformers whose checkpointed layers cannot keep the KV cache
+    (``GradientCheckpointingLayer`` without ``_can_checkpoint_with_cache``) drops it, so the completions
+    would not see the prompt: the loop scores per sequence and says why, once."""
+    monkeypatch.setattr(prefix, "GradientCheckpointingLayer", torch.nn.Module)  # a layer class without it
+    torch.manual_seed(0)
+    config = BackboneConfig(tiny=TinyVLM(family="qwen2_vl"), gradient_checkpointing=True)
+    module = GRPO(config, loop=OnlineSettings(mini_batches=2))
+    module.configure_model()
+    batch = prompt_batch(prompt_dm(module.backbone.processor, synthetic_dir))
+    with pytest.warns(UserWarning, match="shared_prefix.*gradient checkpointing") as warned:
+        r = prepared_rollout(module, batch)  # its old-policy pass (2 optimiser steps)
+        ours = loop.forward(module, r, [0, 1], entropy=True)[0]
+    assert len([w for w in warned if "shared_prefix" in str(w.message)]) == 1
+    module.settings.shared_prefix = False
+    assert torch.allclose(ours, loop.forward(module, r, [0, 1])[0], atol=1e-6)

@@ -72,7 +72,10 @@ def test_a_rollout_gets_only_the_log_probs_it_needs(cls, synthetic_dir):
         assert (r.old_logps is not None) == old, (kw, settings)
         assert (r.ref_logps is not None) == needs.reference, (kw, settings)
         forwards = len(loop.chunks(module, G)) * module.settings.accumulation  # per pass over the rollout
-        assert len(calls["lm"]) == forwards * (old + needs.reference), (kw, settings)
+        # Each forward (shared prefix): the B prompts once, then their samples' completions.
+        prompts = [c for c in calls["lm"] if c[:2] == tuple(r.prompt_ids.shape)]
+        assert len(prompts) == forwards * (old + needs.reference), (kw, settings)
+        assert len(calls["lm"]) == 2 * len(prompts), (kw, settings)
         assert not any(grad for _, _, grad in calls["lm"])
         if old:
             assert torch.equal(r.old_logps, loop.logps(module, r))  # nothing was updated yet

@@ -106,6 +106,26 @@ def test_critic_values_start_as_the_reward_models_scores_of_the_partial_completi
     assert values.std() > 0  # a random head on distinct states: the comparison is not trivially 0 == 0
 
 
+def test_critic_values_with_the_shared_prefix_equal_per_sequence_values(rm_folder, synthetic_dir):
+    """The critic reads its hidden states from one forward of each prompt (``loop.shared_prefix``): the
+    values and the critic's gradients of per-sequence forwards (2 prompts of different lengths)."""
+    module = _module(rm_folder)
+    r = bind(_callback(), module).sample(module, _batch(module, synthetic_dir, n=2))
+    assert r.prompt_mask.sum(1).unique().numel() == 2
+    params = [p for p in module.critic.parameters() if p.requires_grad]
+    results = []
+    for on in (True, False):
+        module.settings.shared_prefix = on
+        values = module.values(r, [0, 1])  # (2B, N)
+        results.append(
+            (values, torch.autograd.grad((values * r.completion_mask[r.rows_of([0, 1])]).sum(), params))
+        )
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, atol=1e-5) and a.std() > 0
+    for x, y in zip(ga, gb, strict=True):
+        assert (x - y).abs().max() <= 1e-5 + 1e-4 * y.abs().max()
+
+
 def test_critic_lm_head_is_frozen_and_critic_lr_has_its_own_group(rm_folder):
     module = _module(rm_folder, lr=1e-5, critic_lr=1e-3)
     critic = module.critic.backbone.model
