@@ -63,12 +63,15 @@ def _checkpointed(bb: VLMBackbone, on: bool):
     with pytest.MonkeyPatch.context() as mp:
         for name in ("update", "update_conv_state"):
             mp.setattr(Cache, name, counted(getattr(Cache, name)))
+        # transformers' newer names, and the older ones (the vLLM venv's 5.19)
+        new = hasattr(bb.model, "activation_checkpointing_enable")
+        prefix = "activation" if new else "gradient"
         if on:
-            bb.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            getattr(bb.model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
         try:
             yield calls
         finally:
-            bb.model.activation_checkpointing_disable()
+            getattr(bb.model, f"{prefix}_checkpointing_disable")()
 
 
 def _both(bb: VLMBackbone, x: dict, checkpointing: bool = False, **kw) -> list:
