@@ -14,14 +14,21 @@ checkpointing. Each step is timed from the Trainer's batch start to its batch en
   training step alone (on-policy, beta 0, one optimiser step per rollout).
 
 Model FLOPs per step (fwd + bwd = 3 x fwd, the attention without a causal discount; recomputation under
-activation checkpointing is not counted, so this is MFU, not hardware FLOPs utilisation):
+activation checkpointing is not counted, so this is MFU, not hardware FLOPs utilisation), summed over the
+passes the step runs, a pass being q query tokens attending to k keys (itself and what it attends to):
 
-    LM:     6 * N_lm * tokens + 12 * L * h * sum_seq(T^2) + 6 * h * V * scored
+    LM:     6 * N_lm * sum_pass(q) + 12 * L * h * sum_pass(q * k) + 6 * h * V * scored
             N_lm = L * (2*h*h + 2*h*kv*(h/heads) + 3*h*I)   (q, o; k, v; gate, up, down; biases left out)
             scored: the tokens that go through the LM head (the framework applies it to targets only)
     vision: 6 * p * N_vis + 6 * (p/m^2) * N_merge + 12 * depth * e * p^2     per image of p patches
             N_vis = c*t*s*s*e + depth * (4 + 2*r) * e*e   (patch embedding; qkv, proj, MLP of ratio r)
             N_merge = (e*m^2)^2 + e*m^2*h_out               (the 2x2 patch merger's MLP)
+
+SFT: one pass (T, T) per row of T tokens. GRPO counts what the objective's loop runs: per forward
+(``loop.chunks``: mini_batches x accumulation per optimiser step; one with the defaults) over k samples of each
+prompt of P tokens with N new tokens, the shared prefix (``loop.shared_prefix``, on by default, k >= 2) runs
+the prompt once, (P, P), and each sample's completion on its cache, (N, P + N); per sequence (off, k = 1, or
+its fallback) each sample is (P + N, P + N). Each forward encodes each prompt's image once.
 
 MFU = FLOPs per step / median seconds per step / (``--peak-tflops`` x 1e12).
 
@@ -104,11 +111,11 @@ def matmul_params(s: dict) -> dict:
     }
 
 
-def step_flops(s: dict, seq_lens: list[int], scored: int, patches: list[int]) -> float:
-    """Model FLOPs of one training step (see the module docstring): sequences of ``seq_lens`` real tokens,
+def step_flops(s: dict, passes: list[tuple[int, int]], scored: int, patches: list[int]) -> float:
+    """Model FLOPs of one training step (see the module docstring): ``passes`` of (queries, keys) real tokens,
     ``scored`` tokens through the LM head, images of ``patches`` patches each (as encoded in the step)."""
     n = matmul_params(s)
-    lm = 6 * n["lm"] * sum(seq_lens) + 12 * s["layers"] * s["hidden"] * sum(t * t for t in seq_lens)
+    lm = 6 * n["lm"] * sum(q for q, _ in passes) + 12 * s["layers"] * s["hidden"] * sum(q * k for q, k in passes)
     head = 6 * n["head"] * scored
     m2 = s["merge"] ** 2
     vision = sum(6 * p * n["vision"] + 6 * p // m2 * n["merger"] + 12 * s["vision_depth"] * s["vision_dim"] * p * p
@@ -223,16 +230,24 @@ def run(objective: str, folder: str, s: dict, args) -> dict:
     grid = batch["vision"]["image_grid_thw"]
     patches = [int(t * h * w) for t, h, w in grid.tolist()]
     if objective == "sft":
-        seq_lens = batch["attention_mask"].sum(1).tolist()
+        passes, count = [(t, t) for t in batch["attention_mask"].sum(1).tolist()], "per sequence"
         scored = int(batch["labels_mask"].sum())
-    else:  # every sample is its prompt + all new tokens; each forward encodes each prompt's image once
-        P = batch["attention_mask"].sum(1).tolist()
-        seq_lens = [p + args.new_tokens for p in P for _ in range(args.group)]
-        scored = len(seq_lens) * args.new_tokens
+    else:  # what the loop runs: forwards over k samples of every prompt, each encoding each prompt's image
+        from lightning_vlm.objectives.online import loop
+
+        P, N = batch["attention_mask"].sum(1).tolist(), args.new_tokens
+        forwards = [len(c) for _ in range(module.settings.num_iterations)
+                    for step in loop.chunks(module, args.group) for c in step]  # fmt: skip
+        shared = [loop.shared_prefix(module, k) for k in forwards]
+        passes = [x for k, on in zip(forwards, shared, strict=True) for x in
+                  ([(p, p) for p in P] + [(N, p + N) for p in P] * k if on else [(p + N, p + N) for p in P] * k)]
+        count = "shared prefix" if all(shared) else "per sequence" if not any(shared) else "mixed"
+        patches, scored = patches * len(forwards), len(P) * sum(forwards) * N
     median = statistics.median(times[args.warmup :])
-    flops = step_flops(s, seq_lens, scored, patches)
-    return {"objective": objective, "seconds": median, "tokens": sum(seq_lens), "tokens_per_s": sum(seq_lens) / median,
-            "seq_lens": seq_lens, "scored": scored, "patches": patches, "flops": flops,
+    flops = step_flops(s, passes, scored, patches)
+    tokens = sum(q for q, _ in passes)
+    return {"objective": objective, "seconds": median, "tokens": tokens, "tokens_per_s": tokens / median,
+            "passes": passes, "count": count, "scored": scored, "patches": patches, "flops": flops,
             "mfu": flops / median / (args.peak_tflops * 1e12), "trainable_params": n_params,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
 
@@ -265,8 +280,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"model: Qwen2-VL, {'tiny' if args.tiny else '2B'} shapes {json.dumps(s)}")
     print(f"matmul params: N_lm {n['lm']}, head {n['head']}, N_vis {n['vision']}, N_merge {n['merger']}")
-    print("FLOPs/step = 6*N_lm*tokens + 12*L*h*sum(T^2) + 6*h*V*scored + per image: 6*p*N_vis + 6*(p/m^2)*N_merge"
-          " + 12*depth*e*p^2")  # fmt: skip
+    print("FLOPs/step = 6*N_lm*sum(q) + 12*L*h*sum(q*k) over passes of q queries on k keys + 6*h*V*scored"
+          " + per image: 6*p*N_vis + 6*(p/m^2)*N_merge + 12*depth*e*p^2")  # fmt: skip
     print(f"device: {device}; precision {args.precision}; activation checkpointing {'on' if args.checkpointing else 'off'};"
           f" peak {args.peak_tflops:g} TFLOP/s (--peak-tflops; 989 = H100/H200 dense bf16)")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mfu-bench-") as tmp:
@@ -275,8 +290,8 @@ def main() -> None:
             r = run(objective, folder, s, args)
             memory = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "n/a"
             print(f"{objective}: {r['seconds']:.3f} s/step (median of {args.steps} after {args.warmup} warm-up), "
-                  f"{r['tokens_per_s']:.0f} tokens/s, {r['flops']:.4e} FLOPs/step ({r['tokens']} tokens in "
-                  f"{len(r['seq_lens'])} sequences, {r['scored']} scored, {len(r['patches'])} images x "
+                  f"{r['tokens_per_s']:.0f} tokens/s, {r['flops']:.4e} FLOPs/step, counted {r['count']} ({r['tokens']} "
+                  f"tokens in {len(r['passes'])} passes, {r['scored']} scored, {len(r['patches'])} images x "
                   f"{r['patches'][0]} patches), MFU {100 * r['mfu']:.3g}%, peak memory {memory}, "
                   f"{r['trainable_params']} trainable parameters")  # fmt: skip
             print("RESULT " + json.dumps(r), flush=True)

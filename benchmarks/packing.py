@@ -1,7 +1,7 @@
 """Padding-free packed SFT against padded SFT: tokens per second and peak memory, in one run.
 
 Both sides train the same rows (one small image each, text lengths spread 4:1 from ``--short`` to
-4 x ``--short`` tokens) on the benchmark's ~10M-parameter Qwen2-VL (benchmarks/grpo_common.py's),
+4 x ``--short`` tokens) on the benchmark's ~26M-parameter Qwen2-VL (benchmarks/grpo_common.py's),
 full fine-tuning (tower included), fp32, ``--threads`` threads. Each repeat is one round of ``--rows``
 rows, in the training shuffle's order: the padded side cuts it into batches of ``--batch`` rows padded to
 their longest, the packed side into micro-batches of up to ``--batch`` x the mean row length tokens
