@@ -1,8 +1,9 @@
 """Token-budget micro-batches for padding-free packed SFT (``data.packing``, docs/data.md).
 
-The order is the :class:`ResumableSampler`'s (one seeded permutation per epoch); it is cut, in that order,
-into micro-batches of at most ``max_tokens`` tokens (image tokens counted). Micro-batch k goes to rank
-``k % world``; the list is padded with its first micro-batches so every rank gets the same count.
+The rows are cut ONCE, in the seed's order, into micro-batches of at most ``max_tokens`` tokens (image
+tokens counted); each epoch shuffles only their order (seed + epoch): Lightning sizes every epoch by one
+``len``, so a count varying per epoch cut off rows. Micro-batch k goes to rank ``k % world``; the list is
+padded with its first micro-batches so every rank gets the same count.
 """
 
 from __future__ import annotations
@@ -23,20 +24,20 @@ class TokenBudgetSampler(ResumableSampler):
         for row, n in zip(rows, lengths, strict=True):
             if n > max_tokens:  # unreachable with max_length <= max_tokens, which the datamodule requires
                 raise BadRowError(f"{source}: row {row}: {n} tokens > data.max_tokens {max_tokens}")
-        self.lengths, self.max_tokens = lengths, max_tokens
-
-    def micro_batches(self) -> list[list[int]]:
-        """This epoch's micro-batches of every rank, in order."""
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()  # the ResumableSampler's order
-        batches: list[list[int]] = [[]]
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.bins: list[list[int]] = [[]]  # the micro-batches, the same every epoch
         tokens = 0
         for i in order:
-            if batches[-1] and tokens + self.lengths[i] > self.max_tokens:
-                batches.append([])
+            if self.bins[-1] and tokens + lengths[i] > max_tokens:
+                self.bins.append([])
                 tokens = 0
-            batches[-1].append(i)
-            tokens += self.lengths[i]
+            self.bins[-1].append(i)
+            tokens += lengths[i]
+
+    def micro_batches(self) -> list[list[int]]:
+        """This epoch's micro-batches of every rank, in order: the bins in this epoch's order."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = [self.bins[k] for k in torch.randperm(len(self.bins), generator=generator).tolist()]
         pad = -len(batches) % self.num_replicas
         return batches + (batches * pad)[:pad]
 
@@ -48,4 +49,4 @@ class TokenBudgetSampler(ResumableSampler):
         return iter(batches[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return len(self.micro_batches()) // self.num_replicas
+        return -(-len(self.bins) // self.num_replicas)  # every epoch the same

@@ -5,7 +5,7 @@ transformers (masking_utils) reads a restart in the position ids, with no attent
 another packed sequence: for eager attention it builds the block-diagonal causal 4-D mask; flash-attention-2
 takes the same position ids to its varlen kernel (cu_seqlens), transformers' padding-free training path
 (not testable on CPU). SDPA with that mask would compute all N x N scores, so the decoder's SDPA runs
-causal row by row instead (``_segment_sdpa``). mRoPE families (Qwen-VL, GLM-4.1V) get each row's
+causal row by row instead (``_segment_sdpa``), except under gradient checkpointing. mRoPE families (Qwen-VL, GLM-4.1V) get each row's
 3-D positions from the model's own ``get_rope_index`` (each row alone), with the 1-D text positions that
 mark the segments stacked on top, the (4, 1, N) form their decoders read as packed. Image features keep
 their order: rows and their placeholder tokens stay in row order, so the model's scatter puts each row's
@@ -55,12 +55,15 @@ def _segment_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
 
 @contextlib.contextmanager
 def _per_row_sdpa(decoder: nn.Module, lengths: list[int]):
-    """While packed: the decoder's SDPA (only SDPA) runs row by row, with no mask built."""
+    """While packed: the decoder's SDPA (only SDPA) runs row by row, with no mask built. Not where a sliding
+    window cuts a row (the mask applies it), nor under checkpointing, whose backward replays each layer after
+    this context exits: the mask, built from the position ids (a layer input it stores), replays the same."""
     from transformers import AttentionInterface
 
     config: Any = decoder.config
     window = getattr(config, "sliding_window", None) or max(lengths)
-    if config._attn_implementation != "sdpa" or max(lengths) > window:  # a window cuts a row: the mask applies it
+    ckpt = decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+    if config._attn_implementation != "sdpa" or max(lengths) > window or ckpt:  # the mask instead: see above
         yield
         return
     AttentionInterface.register(_PER_ROW, _segment_sdpa)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from torch.utils.data import DataLoader
 
 from lightning_vlm.data.loaders import ResumableSampler
 from lightning_vlm.data.packing import TokenBudgetSampler
@@ -12,7 +13,8 @@ from lightning_vlm.data.rows import BadRowError
 from lightning_vlm.data.sft import SFTDataModule
 from tests.helpers.sft_data import datamodule
 
-LENGTHS = [random.Random(0).randint(10, 40) for _ in range(50)]  # 4:1
+_RNG = random.Random(0)
+LENGTHS = [_RNG.randint(10, 40) for _ in range(50)]  # 4:1 (one generator: not 50 times the same length)
 
 
 def sampler(world: int = 1, rank: int = 0, budget: int = 100, epoch: int = 1) -> TokenBudgetSampler:
@@ -21,16 +23,46 @@ def sampler(world: int = 1, rank: int = 0, budget: int = 100, epoch: int = 1) ->
     return s
 
 
-def test_micro_batches_fill_the_budget_in_the_shuffle_order():
-    batches = list(sampler())
-    order = ResumableSampler(len(LENGTHS), seed=3)
-    order.set_epoch(1)
-    assert [i for b in batches for i in b] == list(order)  # the unpacked sampler's order, cut
-    sums = [sum(LENGTHS[i] for i in b) for b in batches]
+def test_micro_batches_are_cut_once_and_only_their_order_changes_per_epoch():
+    bins = sampler().bins
+    order = ResumableSampler(len(LENGTHS), seed=3)  # its epoch 0: the seed alone
+    assert [i for b in bins for i in b] == list(order)  # the unpacked sampler's order, cut
+    sums = [sum(LENGTHS[i] for i in b) for b in bins]
     assert max(sums) <= 100
-    assert all(s + LENGTHS[b[0]] > 100 for s, b in zip(sums, batches[1:], strict=False))  # full: the next row did not fit
-    assert len(sampler()) == len(batches)
-    assert list(sampler(epoch=2)) != batches  # another epoch, another order
+    assert all(s + LENGTHS[b[0]] > 100 for s, b in zip(sums, bins[1:], strict=False))  # full: the next row did not fit
+    epochs = [list(sampler(epoch=e)) for e in range(4)]
+    assert all(sorted(e) == sorted(bins) for e in epochs)  # the same micro-batches, every row once
+    assert {len(sampler(epoch=e)) for e in range(4)} == {len(bins)}
+    assert len({str(e) for e in epochs}) == 4  # each epoch another order
+
+
+def test_a_lightning_fit_trains_every_row_once_in_every_epoch(tmp_path):
+    """Lightning reads len(loader) once, before any set_epoch: an epoch longer than that lost its tail."""
+    import lightning as L
+    import torch
+
+    seen: dict[int, list[int]] = {}
+
+    class Rows(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, _):
+            seen.setdefault(self.current_epoch, []).extend(batch)
+            return self.w.sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    s = TokenBudgetSampler(LENGTHS, list(range(len(LENGTHS))), 60, seed=0)
+    loader = DataLoader(range(len(LENGTHS)), batch_sampler=s, collate_fn=list)
+    object.__setattr__(loader, "sampler", s)  # as the datamodule does: Lightning calls its set_epoch
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(Rows(), loader)
+    assert {e: sorted(rows) for e, rows in seen.items()} == {e: list(range(len(LENGTHS))) for e in range(4)}
+    assert len({str(rows) for rows in seen.values()}) == 4  # set_epoch took: each epoch another order
 
 
 def test_two_ranks_get_disjoint_micro_batches_and_the_same_count():

@@ -101,3 +101,24 @@ def test_a_sliding_window_shorter_than_a_row_keeps_transformers_mask(backbones, 
         padded, packed = (bb.token_logps(*_args(batch), packed=p) for p in (False, True))
     mask = batch["labels_mask"]
     assert not per_row and torch.allclose(packed[mask], padded[mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_packed_sft_under_gradient_checkpointing_equals_padded(family, backbones, synthetic_dir):  # noqa: F811
+    """Checkpointing replays each layer in backward, outside the forward's row-by-row SDPA: the packed
+    forward then keeps transformers' mask from the position ids (a layer input the checkpoint stores)."""
+    from lightning_vlm import BackboneConfig, TinyVLM, VLMBackbone
+
+    torch.manual_seed(0)  # the weights of backbones(family, "train")
+    cfg = BackboneConfig(tiny=TinyVLM(family=family), vision="train", logps_chunk_size=5)
+    cfg.gradient_checkpointing = True
+    ckpt = VLMBackbone(cfg)
+    ckpt.load()
+    bb = backbones(family, "train")
+    batch = _rows(bb, synthetic_dir)
+    padded, loss, grads = _loss_and_grads(bb, batch, packed=False)  # no checkpointing
+    packed, packed_loss, packed_grads = _loss_and_grads(ckpt, batch, packed=True)
+    mask = batch["labels_mask"]
+    assert torch.allclose(packed[mask], padded[mask], atol=1e-5)
+    assert torch.allclose(packed_loss, loss, atol=1e-6)
+    _assert_same_grads(packed_grads, grads)
