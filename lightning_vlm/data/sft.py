@@ -128,7 +128,7 @@ class SFTDataModule(VLMDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if "resume" in state:  # what its count means: rows, or micro-batches of this budget when packed
+        if "resume" in state and self._budget():  # its count is in micro-batches of this budget, not rows
             state["resume"]["packed_max_tokens"] = self._budget()
         return state
 

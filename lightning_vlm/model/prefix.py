@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lightning_vlm.model.backbone import VLMBackbone
 from lightning_vlm.model.lora import unwrap
@@ -35,6 +33,9 @@ UNSUPPORTED: tuple[tuple[str, str], ...] = ()
 
 def fallback_reason(bb: VLMBackbone) -> str | None:
     """Why ``bb`` must score prompt + completion per sequence, or None when the shared prefix applies."""
+    # transformers is imported here, not at the top: `lightning-vlm --help` must not import it
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     keeps_cache = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")  # 5.24 has it
     if bb.config.gradient_checkpointing and not keeps_cache:
         return "gradient checkpointing drops the KV cache (this transformers' GradientCheckpointingLayer)"
@@ -72,6 +73,8 @@ def shared_prefix_hidden(
     for m in inner.modules():  # mRoPE: no stale offset of an earlier batch (a text-only prompt sets none)
         if hasattr(m, "rope_deltas"):
             m.rope_deltas = None
+    from transformers import DynamicCache
+
     name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"  # older
     config: Any = unwrap(model).config
     cache, kw = DynamicCache(config=config), {"use_cache": True}  # ours: checkpointing makes none
@@ -135,6 +138,8 @@ def split(
 @contextlib.contextmanager
 def _cache_kept(model: nn.Module):
     """Checkpointed layers keep the cache (transformers drops it unless their class says they may)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for m in layers:
         m._can_checkpoint_with_cache = True

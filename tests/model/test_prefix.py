@@ -11,7 +11,6 @@ import torch
 from transformers.cache_utils import Cache
 
 from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM, VLMBackbone
-from lightning_vlm.model import prefix
 from lightning_vlm.model.moe import capture_router_logits, load_balancing_loss, moe_layout
 from lightning_vlm.model.prefix import UNSUPPORTED, fallback_reason, shared_prefix_aux, shared_prefix_logps
 from lightning_vlm.model.tiny import FAMILIES
@@ -175,7 +174,7 @@ def test_router_aux_loss_of_the_two_passes_equals_the_per_sequence_one(
 def test_fallback_reasons(monkeypatch):
     config = BackboneConfig(tiny=TinyVLM(family="qwen2_vl"), gradient_checkpointing=True)
     assert fallback_reason(VLMBackbone(config)) is None  # the layers keep the cache (see test above)
-    monkeypatch.setattr(prefix, "GradientCheckpointingLayer", torch.nn.Module)  # an older transformers
+    monkeypatch.setattr("transformers.modeling_layers.GradientCheckpointingLayer", torch.nn.Module)  # an older transformers
     assert "gradient checkpointing" in fallback_reason(VLMBackbone(config))
     config.gradient_checkpointing = False
     assert fallback_reason(VLMBackbone(config)) is None

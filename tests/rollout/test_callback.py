@@ -140,7 +140,8 @@ def test_dynamic_sampling_keeps_exactly_b_informative_groups(synthetic_dir):
     assert kept == [[True, False], [True, False]]  # flat group dropped; one informative group over budget
     m = trainer.callback_metrics
     assert m["rollout/refills"] == 1 and m["rollout/kept_groups"] == B
-    assert [c[0] for c in calls["lm"] if c[2]] == [B * G, B * G]  # one training forward per rollout
+    # one training forward per rollout: the B prompts once, then their B * G completions (shared prefix)
+    assert [c[0] for c in calls["lm"] if c[2]] == [B, B * G] * 2
     # Dropped samples carry no gradient, even the over-budget group whose advantages are not zero.
     dropped = rollouts[1].advantages.view(-1, G)[1]
     assert dropped.abs().sum() > 0

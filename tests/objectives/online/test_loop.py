@@ -15,7 +15,6 @@ import torch
 
 from lightning_vlm import BackboneConfig, LoraSettings, TinyVLM
 from lightning_vlm.losses import grpo_loss, gspo_loss
-from lightning_vlm.model import prefix
 from lightning_vlm.objectives import GRPO, GSPO
 from lightning_vlm.objectives.online import Chunk, OnlineSettings, loop
 from lightning_vlm.rollout import Generation, HFEngine, Rollout, RolloutEngine
@@ -430,7 +429,7 @@ def test_gradient_checkpointing_falls_back_to_per_sequence_forwards(synthetic_di
     """Under gradient checkpointing a transformers whose checkpointed layers cannot keep the KV cache
     (``GradientCheckpointingLayer`` without ``_can_checkpoint_with_cache``) drops it, so the completions
     would not see the prompt: the loop scores per sequence and says why, once."""
-    monkeypatch.setattr(prefix, "GradientCheckpointingLayer", torch.nn.Module)  # a layer class without it
+    monkeypatch.setattr("transformers.modeling_layers.GradientCheckpointingLayer", torch.nn.Module)  # a layer class without it
     torch.manual_seed(0)
     config = BackboneConfig(tiny=TinyVLM(family="qwen2_vl"), gradient_checkpointing=True)
     module = GRPO(config, loop=OnlineSettings(mini_batches=2))
