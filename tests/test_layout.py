@@ -56,7 +56,8 @@ LAYERS = {
 # Shared prefix under activation checkpointing: +33 (its own cache, kept by the checkpointed layers, read-only
 # for the completions, emptied for the prompt layers' replays).
 # The shared prefix imports transformers inside its functions (--help stays light): +5.
-MAX_LINES, MAX_TOTAL = 300, 8509
+# The base datamodule no longer reads SFT's packing knob (a _rows_per_batch hook SFT overrides): +6.
+MAX_LINES, MAX_TOTAL = 300, 8515
 
 
 def _modules() -> dict[str, Path]:

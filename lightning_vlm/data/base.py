@@ -260,6 +260,10 @@ class VLMDataModule(L.LightningDataModule):
             object.__setattr__(loader, "sampler", sampler)
         return loader
 
+    def _rows_per_batch(self) -> int:
+        """What one training batch counts for in the resume state (SFT's packing counts micro-batches)."""
+        return self.hparams.batch_size
+
     def _train_sampler(self, world: int, rank: int) -> ResumableSampler:
         sampler = ResumableSampler(len(self.datasets["train"]), self.hparams.seed, world, rank)
         sampler.resume_at(*self._resume)
@@ -270,15 +274,14 @@ class VLMDataModule(L.LightningDataModule):
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: the epoch and how many of its training rows (all ranks) were used (with
-        ``packing``: micro-batches)."""
+        """Saved in checkpoints: the epoch and how many of its training rows (all ranks) were used (see
+        :meth:`_rows_per_batch`)."""
         state: dict[str, Any] = {"skipped": self.skipped}
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":  # also when saved after validation
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             done = self._raw_batches.get(trainer.current_epoch, done)  # streamed: also those left empty
-            per_batch = 1 if self.hparams.get("packing") else self.hparams.batch_size  # packed: micro-batches
-            rows = done * per_batch * trainer.world_size
+            rows = done * self._rows_per_batch() * trainer.world_size
             state["resume"] = {"epoch": trainer.current_epoch, "rows": rows}
         return state
 

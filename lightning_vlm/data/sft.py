@@ -142,6 +142,9 @@ class SFTDataModule(VLMDataModule):
             )
         super().load_state_dict(state)
 
+    def _rows_per_batch(self) -> int:
+        return 1 if self.hparams["packing"] else super()._rows_per_batch()  # packed: micro-batches
+
     def _budget(self) -> int | None:
         return self.hparams["max_tokens"] if self.hparams["packing"] else None
 

@@ -56,7 +56,7 @@ class OnlineSettings:
             engine is not the trainer itself, i.e. the rollout carries engine log-probs; null: off.
         shared_prefix: Score the samples of a prompt with one forward of the prompt (its KV cache repeated
             for the samples, gradients summed back into it) instead of one prompt + completion sequence per
-            sample; same values and gradients. Falls back (warned once) under gradient checkpointing.
+            sample; same values and gradients, with or without gradient checkpointing (docs/online_rl.md).
     """
 
     num_iterations: int = 1
