@@ -57,7 +57,9 @@ LAYERS = {
 # for the completions, emptied for the prompt layers' replays).
 # The shared prefix imports transformers inside its functions (--help stays light): +5.
 # The base datamodule no longer reads SFT's packing knob (a _rows_per_batch hook SFT overrides): +6.
-MAX_LINES, MAX_TOTAL = 300, 8515
+# Shared prefix for preference pairs (DPO, IPO, hinge, MPO, the reward model): +78 (common_prefix cuts each
+# pair's prompt from its left-padded sequences; PairLogps and the reward model choose the path and say why not).
+MAX_LINES, MAX_TOTAL = 300, 8593
 
 
 def _modules() -> dict[str, Path]:

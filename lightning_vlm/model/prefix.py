@@ -52,8 +52,10 @@ def shared_prefix_hidden(
     vision: dict[str, Any],
     model: nn.Module | None = None,
     features: dict[str, Any] | None = None,
+    own: bool = False,
 ) -> torch.Tensor:
-    """(R, N, H) last hidden states that predict each completion token (the state before it).
+    """(R, N, H) last hidden states that predict each completion token (the state before it); with ``own``, the
+    completion tokens' own states (a scorer reads the last one).
 
     Args:
         bb: The backbone.
@@ -97,6 +99,8 @@ def shared_prefix_hidden(
     with _cache_kept(inner):
         rest = inner(input_ids=completion_ids, attention_mask=mask, position_ids=positions, **{name: prompt}, **kw,
                      **zeros)  # fmt: skip
+    if own:
+        return rest.last_hidden_state
     # The prompt's last hidden state predicts token 0; completion token t predicts t + 1.
     return torch.cat([out.last_hidden_state[index, -1:], rest.last_hidden_state[:, :-1]], dim=1)  # (R, N, H)
 
@@ -108,15 +112,16 @@ def shared_prefix_logps(
     features: dict[str, Any] | None = None,
     entropy: bool = False,
     temperature: float = 1.0,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(R, N) float32 completion log-probs (0 where the completion mask is 0) and entropies (or None).
     ``inputs``, ``model``, ``features``: as in :func:`shared_prefix_hidden`; ``entropy``, ``temperature``: as
-    in :meth:`VLMBackbone.token_logps`."""
+    in :meth:`VLMBackbone.token_logps`; ``targets``: (R, N) the tokens to score (default: the completion mask)."""
     prompt_ids, prompt_mask, completion_ids, completion_mask, vision = inputs
     hidden = shared_prefix_hidden(
         bb, prompt_ids, prompt_mask, completion_ids, completion_mask, vision, model, features
     )
-    targets = completion_mask.bool()
+    targets = (completion_mask if targets is None else targets).bool()
     logps, ent = bb.head_logps(hidden[targets], completion_ids[targets], model, entropy, temperature)
     zeros = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
     return zeros.masked_scatter(targets, logps), (None if ent is None else zeros.masked_scatter(targets, ent))
@@ -133,6 +138,41 @@ def split(
     vision = {k: v[:B, :P] if isinstance(v, torch.Tensor) and tuple(v.shape[:2]) == tuple(ids.shape) else v
               for k, v in seq["vision"].items()}  # fmt: skip
     return ids[:B, :P], mask[:B, :P], ids[:, P:], mask[:, P:], vision
+
+
+def common_prefix(
+    ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, vision: dict[str, Any], copies: int
+) -> tuple[tuple, torch.Tensor] | str:
+    """:func:`shared_prefix_hidden`'s inputs and the (R, N) tokens to score, from ``copies`` blocks of left-padded
+    full sequences (row ``k * B + i``: copy k of prompt i, images held once per prompt) whose ``labels`` mark the
+    scored tokens (a preference batch): each prompt is its rows' tokens before their first scored token, which
+    must be the same in every copy. Returns why not (a string) where they are not."""
+    (R, T), B = ids.shape, ids.shape[0] // copies
+    lengths = mask.sum(-1)
+    if not torch.equal(mask.bool(), torch.arange(T, device=ids.device) >= T - lengths[:, None]):
+        return "the sequences are not left-padded"
+    starts = (T - lengths).tolist()
+    firsts = [int(labels[r, s:].int().argmax()) if labels[r, s:].any() else 0 for r, s in enumerate(starts)]
+    cut = [min(firsts[i::B]) for i in range(B)]  # prompt i's length: before its copies' first scored token
+    for r, s in enumerate(starts):
+        i = r % B
+        if cut[i] < 1:
+            return f"sequence {r} has no prompt token before its first scored token"
+        if not torch.equal(ids[r, s : s + cut[i]], ids[i, starts[i] : starts[i] + cut[i]]):
+            return f"sequence {r} does not start with the prompt of sequence {i} (its copies tokenise it differently)"
+    P, N = max(cut), max(T - s - cut[r % B] for r, s in enumerate(starts))
+    prompt_ids, completion_ids = ids.new_zeros(B, P), ids.new_zeros(R, N)
+    prompt_mask, completion_mask, targets = mask.new_zeros(B, P), mask.new_zeros(R, N), labels.new_zeros(R, N)
+    per_sequence = {k: v.new_zeros(B, P) for k, v in vision.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+    for r, s in enumerate(starts):
+        i, n = r % B, T - s - cut[r % B]  # prompt, completion length
+        if r < B:
+            prompt_ids[i, P - cut[i] :], prompt_mask[i, P - cut[i] :] = ids[i, s : s + cut[i]], 1
+            for k, v in per_sequence.items():
+                v[i, P - cut[i] :] = vision[k][i, s : s + cut[i]]
+        completion_ids[r, :n], completion_mask[r, :n], targets[r, :n] = ids[r, T - n :], 1, labels[r, T - n :]
+    inputs = (prompt_ids, prompt_mask, completion_ids, completion_mask, {**vision, **per_sequence})
+    return inputs, targets
 
 
 @contextlib.contextmanager

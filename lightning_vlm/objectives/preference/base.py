@@ -18,13 +18,19 @@ class PreferenceObjective(VLMObjective):
 
     score_names = ("reward_chosen", "reward_rejected")  # what ``pair_scores`` holds, as columns
 
-    def __init__(self, backbone: BackboneConfig, table_rows: int = 8, **kwargs: Any):
+    def __init__(
+        self, backbone: BackboneConfig, table_rows: int = 8, shared_prefix: bool = True, **kwargs: Any
+    ):
         """
         Args:
             backbone: The VLM to train.
             table_rows: Held-out pairs per validation (rank 0's first) appended to ``val_samples.jsonl``
                 in the run folder (images under ``samples/``) and, with the WandbLogger, logged as the
                 W&B table ``val/samples``: prompt, image, chosen, rejected, their scores and margin. 0: none.
+            shared_prefix: Run each pair's prompt (with its images) once, with gradient, and the chosen and
+                rejected responses on its KV cache (``lightning_vlm.model.prefix``): the same values and
+                gradients as two full sequences. Needs the datamodule's ``vision_once``; where it does not
+                apply, pairs are scored per sequence and the logs say why, once.
             **kwargs: Optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
         """
         super().__init__(backbone, **kwargs)

@@ -53,7 +53,7 @@ class DPO(PreferenceObjective):
         super().__init__(backbone, **kwargs)
         if label_smoothing and loss_type != "sigmoid":
             raise ValueError("model.label_smoothing applies to loss_type 'sigmoid' only")
-        self.pairs = PairLogps(self.backbone, average=loss_type == "ipo")
+        self.pairs = PairLogps(self.backbone, loss_type == "ipo", self.hparams.shared_prefix)
 
     def on_fit_start(self) -> None:
         if self.hparams.precompute_ref_logps:

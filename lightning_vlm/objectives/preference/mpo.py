@@ -52,7 +52,7 @@ class MPO(PreferenceObjective):
         super().__init__(backbone, **kwargs)
         if preference_weight == quality_weight == generation_weight == 0:
             raise ValueError("model: at least one of the MPO weights must be non-zero")
-        self.pairs = PairLogps(self.backbone)
+        self.pairs = PairLogps(self.backbone, shared_prefix=self.hparams.shared_prefix)
         self.delta_sum, self.delta_count = 0.0, 0  # delta = delta_sum / delta_count
         self._step_rewards: list[torch.Tensor] = []  # batch-mean rewards of this step's micro-batches
 
@@ -66,13 +66,13 @@ class MPO(PreferenceObjective):
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         h = self.hparams
-        (c, r), token_logps, features = self.pairs.policy(batch)
+        (c, r), (token_logps, scored), features = self.pairs.policy(batch)
         rc, rr = self.pairs.reference(batch, features)
         self.pair_scores = (h.beta * (c - rc)).detach(), (h.beta * (r - rr)).detach()  # implicit rewards
         preference, metrics = dpo_loss(c, r, rc, rr, beta=h.beta)
         quality, bco_metrics = bco_pair_loss(c, r, rc, rr, beta=h.beta, delta=self.delta)
         n = len(batch["rows"])
-        generation, gen = sft_loss(token_logps[:n], batch["labels_mask"][:n])  # the chosen block
+        generation, gen = sft_loss(token_logps[:n], scored[:n])  # the chosen block
         terms = {
             "loss/preference": h.preference_weight * preference,
             "loss/quality": h.quality_weight * quality,

@@ -4,7 +4,8 @@ Composed into the objectives (not a base class). A batch from the preference dat
 chosen then B rejected sequences; with ``copies == 2`` the prompt images are held once and the
 vision tower runs once per pair. When the tower is frozen the reference reuses the policy's image
 features, so a step encodes each image exactly once. Reference log-probs can also be computed in
-one pass before training and cached per row.
+one pass before training and cached per row. With the shared prefix (default), each pair's prompt runs once
+and the two responses run on its KV cache (``lightning_vlm.model.prefix``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import logging
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 
 from lightning_vlm.model.backbone import VLMBackbone
+from lightning_vlm.model.prefix import common_prefix, fallback_reason, shared_prefix_logps
 from lightning_vlm.model.vision import has_images
 
 log = logging.getLogger(__name__)
@@ -28,11 +30,14 @@ class PairLogps:
     Args:
         backbone: The objective's backbone (built with a reference).
         average: Token-mean instead of sum per sequence (IPO's length normalisation).
+        shared_prefix: Run each pair's prompt once (where it applies; else per sequence, said once in the logs).
     """
 
-    def __init__(self, backbone: VLMBackbone, average: bool = False):
+    def __init__(self, backbone: VLMBackbone, average: bool = False, shared_prefix: bool = True):
         self.backbone = backbone
         self.average = average
+        self.shared_prefix = shared_prefix
+        self.warned = False
         self.cache: dict[str, dict[int, tuple[float, float]]] = {}  # split -> row -> (chosen, rejected)
         self.sources: dict[str, str] = {}  # split -> "source (N rows)" the cache was computed on
 
@@ -42,24 +47,51 @@ class PairLogps:
             seq = seq / mask.sum(-1).clamp(min=1)
         return tuple(seq.chunk(2))  # chosen (B,), rejected (B,)
 
+    def split(self, batch: dict) -> tuple[tuple, torch.Tensor] | None:
+        """The shared prefix's inputs and scored tokens (:func:`common_prefix`), or None where it does not apply."""
+        if not self.shared_prefix:
+            return None
+        why = fallback_reason(self.backbone) if batch["copies"] > 1 else "vision_once is off"
+        if why is None:
+            inputs = (batch[k] for k in ("input_ids", "attention_mask", "labels_mask", "vision", "copies"))
+            split = common_prefix(*inputs)
+            if not isinstance(split, str):
+                return split
+            why = split
+        if not self.warned:
+            self.warned = True
+            rank_zero_warn(f"model.shared_prefix is on but pairs are scored per sequence: {why}")
+        return None
+
+    def _token_logps(self, batch: dict, model: Any = None, features: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token log-probs, the scored tokens): (2B, N) completion tokens with the shared prefix, else (2B, T)."""
+        split = self.split(batch)
+        if split is not None:
+            inputs, targets = split
+            logps = shared_prefix_logps(self.backbone, *inputs, model=model, features=features, targets=targets)
+            return logps[0], targets
+        logps = self.backbone.token_logps(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["vision"],
+            batch["labels_mask"],
+            model=model,
+            copies=batch["copies"],
+            features=features,
+        )
+        return logps, batch["labels_mask"]
+
     def _features(self, batch: dict) -> Any:
         """Encode the batch's images once, for both sequences of each pair (and the reference, when
         the tower is frozen). A per-sequence batch (``copies == 1``) takes the plain path."""
         shared = batch["copies"] > 1 and has_images(batch["vision"])
         return self.backbone.encode_images(batch["vision"]) if shared else None
 
-    def policy(self, batch: dict) -> tuple[Pair, torch.Tensor, Any]:
-        """((chosen, rejected), token log-probs (2B, T), image features) of the policy."""
+    def policy(self, batch: dict) -> tuple[Pair, tuple[torch.Tensor, torch.Tensor], Any]:
+        """((chosen, rejected), (token log-probs, scored tokens) of :meth:`_token_logps`, image features)."""
         features = self._features(batch)
-        logps = self.backbone.token_logps(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["vision"],
-            batch["labels_mask"],
-            copies=batch["copies"],
-            features=features,
-        )  # (2B, T)
-        return self._sequence(logps, batch["labels_mask"]), logps, features
+        logps, mask = self._token_logps(batch, features=features)
+        return self._sequence(logps, mask), (logps, mask), features
 
     @torch.no_grad()
     def reference(self, batch: dict, features: Any = None) -> Pair:
@@ -78,16 +110,7 @@ class PairLogps:
         if not self.backbone.vision_is_frozen:
             features = None  # the reference's image side differs from the trained one
         with self.backbone.reference() as ref:
-            logps = self.backbone.token_logps(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["vision"],
-                batch["labels_mask"],
-                model=ref,
-                copies=batch["copies"],
-                features=features,
-            )
-        return self._sequence(logps, batch["labels_mask"])
+            return self._sequence(*self._token_logps(batch, ref, features))
 
     @torch.no_grad()
     def precompute(self, module, splits: tuple[str, ...] = ("train", "val")) -> None:

@@ -32,6 +32,7 @@ from lightning_vlm.model.backbone import BackboneConfig, VLMBackbone
 from lightning_vlm.model.prefix import shared_prefix_hidden, split
 from lightning_vlm.model.vision import has_images
 from lightning_vlm.objectives.preference.base import PreferenceObjective
+from lightning_vlm.objectives.preference.pairs import PairLogps
 
 HEAD_FILE, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
 
@@ -55,6 +56,7 @@ class RewardModel(PreferenceObjective):
         self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=1 / (hidden + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
+        self.pairs = PairLogps(self.backbone, shared_prefix=self.hparams.shared_prefix)  # its split only
 
     def load_models(self) -> None:
         super().load_models()
@@ -69,7 +71,14 @@ class RewardModel(PreferenceObjective):
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        s = self.scores(batch["input_ids"], batch["attention_mask"], batch["vision"], batch["copies"])
+        split = self.pairs.split(batch)
+        if split is not None:  # each prompt once; the scores are read at each response's last token
+            inputs = split[0]
+            hidden = shared_prefix_hidden(self.backbone, *inputs, own=True)  # (2B, N, H)
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), inputs[3].sum(-1) - 1]  # (2B, H)
+            s = self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+        else:
+            s = self.scores(batch["input_ids"], batch["attention_mask"], batch["vision"], batch["copies"])
         chosen, rejected = s.chunk(2)  # (B,), (B,)
         self.pair_scores = chosen.detach(), rejected.detach()
         margin = batch.get("margin")

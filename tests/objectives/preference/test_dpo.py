@@ -23,9 +23,9 @@ def test_dpo_variants_train(loss_type, synthetic_dir):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     batch = first_batch(pref_dm(module.backbone.processor, synthetic_dir / "pref_train.jsonl"))
     with torch.no_grad():
-        (c, r), logps, _ = module.pairs.policy(batch)
+        (c, r), (logps, mask), _ = module.pairs.policy(batch)
         loss, _ = module._loss(batch)
-    mask = batch["labels_mask"]
+    assert mask.sum() == batch["labels_mask"].sum()  # the shared prefix scores the same tokens
     sums = logps.sum(-1)
     want = sums / mask.sum(-1) if loss_type == "ipo" else sums  # IPO: token means, as in its paper
     assert torch.allclose(torch.cat([c, r]), want, atol=1e-5)
