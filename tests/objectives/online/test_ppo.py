@@ -106,13 +106,22 @@ def test_critic_values_start_as_the_reward_models_scores_of_the_partial_completi
     assert values.std() > 0  # a random head on distinct states: the comparison is not trivially 0 == 0
 
 
-def test_critic_values_with_the_shared_prefix_equal_per_sequence_values(rm_folder, synthetic_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_critic_values_with_the_shared_prefix_equal_per_sequence_values(checkpointing, rm_folder, synthetic_dir):
     """The critic reads its hidden states from one forward of each prompt (``loop.shared_prefix``): the
-    values and the critic's gradients of per-sequence forwards (2 prompts of different lengths)."""
-    module = _module(rm_folder)
+    values and the critic's gradients of per-sequence forwards (2 prompts of different lengths), also with
+    the critic under activation checkpointing (its backward replays the layers, cache included)."""
+    torch.manual_seed(0)
+    module = PPO(BackboneConfig(tiny=TinyVLM(family="qwen2_vl")),
+                 critic=BackboneConfig(model_name_or_path=str(rm_folder), gradient_checkpointing=checkpointing))  # fmt: skip
+    module.configure_model()
     r = bind(_callback(), module).sample(module, _batch(module, synthetic_dir, n=2))
     assert r.prompt_mask.sum(1).unique().numel() == 2
     params = [p for p in module.critic.parameters() if p.requires_grad]
+    layer = next(m for m in module.critic.modules() if type(m).__name__.endswith("DecoderLayer"))
+    calls = []
+    layer.self_attn.register_forward_pre_hook(lambda *args: calls.append(1))  # inside the checkpointed forward
+    module.critic.train()
     results = []
     for on in (True, False):
         module.settings.shared_prefix = on
@@ -120,6 +129,7 @@ def test_critic_values_with_the_shared_prefix_equal_per_sequence_values(rm_folde
         results.append(
             (values, torch.autograd.grad((values * r.completion_mask[r.rows_of([0, 1])]).sum(), params))
         )
+    assert len(calls) == (6 if checkpointing else 3)  # two passes + one; checkpointing replays each
     (a, ga), (b, gb) = results
     assert torch.allclose(a, b, atol=1e-5) and a.std() > 0
     for x, y in zip(ga, gb, strict=True):
