@@ -1,8 +1,9 @@
-"""DPO training steps with vision once (one image encoding per pair) vs one encoding per sequence.
+"""DPO training steps: the shared prefix, vision once (one image encoding per pair), one encoding per sequence.
 
-Both variants train the same DPO module on the same pairs (224 x 224 images; one per prompt, two
+The variants train the same DPO module on the same pairs (224 x 224 images; one per prompt, two
 in the synthetic split's comparison questions) and alternate step by step in one process, so
-machine noise hits both alike. "per sequence" is what
+machine noise hits all alike. "shared prefix" (the default) also runs each pair's prompt once in the
+language model, the two responses on its KV cache; "vision once" turns that off. "per sequence" is what
 most trainers do: the chosen and the rejected sequence each carry the image, and the reference
 forward encodes it again. "vision once" encodes each prompt's image once per step: both sequences
 of the pair reuse the features, and so does the reference when the tower is frozen.
@@ -11,7 +12,7 @@ The default model is Qwen2-VL's architecture scaled down so that, as in Qwen2-VL
 encoding one image costs about as much as one pass of the language model over one sequence
 (vision: 8 blocks of width 320 over 256 patches; language: 7 layers of width 512). Timings are
 medians of full steps (forward, backward, optimiser), collation excluded (it runs in DataLoader
-workers). Prints the medians and the per-sequence / once ratio for a frozen and a trained tower.
+workers). Prints the medians and their ratios for a frozen and a trained tower.
 
     python benchmarks/preference.py [--pairs 4 --steps 7 --device cpu]
 """
@@ -72,9 +73,12 @@ def main() -> None:
         patches = {
             once: int(batches[once][0]["vision"]["image_grid_thw"].prod(-1).sum()) for once in (True, False)
         }
-        times: dict[bool, list[float]] = {True: [], False: []}
+        # (vision once, shared prefix) of each variant; per sequence has no shared prefix (it needs vision once)
+        variants = {"shared prefix": (True, True), "vision once": (True, False), "per sequence": (False, False)}
+        times: dict[str, list[float]] = {name: [] for name in variants}
         for step in range(args.steps + 1):
-            for once in (True, False):
+            for name, (once, shared) in variants.items():
+                module.pairs.shared_prefix = shared
                 batch = batches[once][step % len(batches[once])]
                 _sync(args.device)
                 t = time.perf_counter()
@@ -84,11 +88,14 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 _sync(args.device)
                 if step:  # the first step warms up
-                    times[once].append(time.perf_counter() - t)
-        once, per_seq = statistics.median(times[True]), statistics.median(times[False])
+                    times[name].append(time.perf_counter() - t)
+        med = {name: statistics.median(t) for name, t in times.items()}
         print(
-            f"  vision {vision:<6}  vision once {once:.3f} s ({patches[True]} patches per encoding)   "
-            f"per sequence {per_seq:.3f} s ({patches[False]})   per-sequence / once = x{per_seq / once:.2f}"
+            f"  vision {vision:<6}  shared prefix {med['shared prefix']:.3f} s   vision once {med['vision once']:.3f} s "
+            f"({patches[True]} patches per encoding)   per sequence {med['per sequence']:.3f} s ({patches[False]})\n"
+            f"                 vision once / shared prefix = x{med['vision once'] / med['shared prefix']:.2f}   "
+            f"per sequence / vision once = x{med['per sequence'] / med['vision once']:.2f}   "
+            f"per sequence / shared prefix = x{med['per sequence'] / med['shared prefix']:.2f}"
         )
 
 
