@@ -59,7 +59,9 @@ LAYERS = {
 # The base datamodule no longer reads SFT's packing knob (a _rows_per_batch hook SFT overrides): +6.
 # Shared prefix for preference pairs (DPO, IPO, hinge, MPO, the reward model): +78 (common_prefix cuts each
 # pair's prompt from its left-padded sequences; PairLogps and the reward model choose the path and say why not).
-MAX_LINES, MAX_TOTAL = 300, 8593
+# Its review: +13 (the split vectorised and run once per batch, each fallback reason said once per process,
+# batches where padding would cost more than sharing saves scored per sequence).
+MAX_LINES, MAX_TOTAL = 300, 8606
 
 
 def _modules() -> dict[str, Path]:

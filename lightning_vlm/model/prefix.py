@@ -140,39 +140,45 @@ def split(
     return ids[:B, :P], mask[:B, :P], ids[:, P:], mask[:, P:], vision
 
 
+WHY_NOT = ("is not left-padded", "has no scored token", "has no token before its first scored token",
+           "differs from its pair's first sequence before the first scored token")  # fmt: skip
+
+
 def common_prefix(
     ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, vision: dict[str, Any], copies: int
 ) -> tuple[tuple, torch.Tensor] | str:
     """:func:`shared_prefix_hidden`'s inputs and the (R, N) tokens to score, from ``copies`` blocks of left-padded
     full sequences (row ``k * B + i``: copy k of prompt i, images held once per prompt) whose ``labels`` mark the
     scored tokens (a preference batch): each prompt is its rows' tokens before their first scored token, which
-    must be the same in every copy. Returns why not (a string) where they are not."""
+    must be the same in every copy. Returns why not (a string) where they are not, or where sharing would run
+    more tokens than the full sequences (prompts padded to the longest, completions to the longest)."""
     (R, T), B = ids.shape, ids.shape[0] // copies
-    lengths = mask.sum(-1)
-    if not torch.equal(mask.bool(), torch.arange(T, device=ids.device) >= T - lengths[:, None]):
-        return "the sequences are not left-padded"
-    starts = (T - lengths).tolist()
-    firsts = [int(labels[r, s:].int().argmax()) if labels[r, s:].any() else 0 for r, s in enumerate(starts)]
-    cut = [min(firsts[i::B]) for i in range(B)]  # prompt i's length: before its copies' first scored token
-    for r, s in enumerate(starts):
-        i = r % B
-        if cut[i] < 1:
-            return f"sequence {r} has no prompt token before its first scored token"
-        if not torch.equal(ids[r, s : s + cut[i]], ids[i, starts[i] : starts[i] + cut[i]]):
-            return f"sequence {r} does not start with the prompt of sequence {i} (its copies tokenise it differently)"
-    P, N = max(cut), max(T - s - cut[r % B] for r, s in enumerate(starts))
-    prompt_ids, completion_ids = ids.new_zeros(B, P), ids.new_zeros(R, N)
-    prompt_mask, completion_mask, targets = mask.new_zeros(B, P), mask.new_zeros(R, N), labels.new_zeros(R, N)
-    per_sequence = {k: v.new_zeros(B, P) for k, v in vision.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
-    for r, s in enumerate(starts):
-        i, n = r % B, T - s - cut[r % B]  # prompt, completion length
-        if r < B:
-            prompt_ids[i, P - cut[i] :], prompt_mask[i, P - cut[i] :] = ids[i, s : s + cut[i]], 1
-            for k, v in per_sequence.items():
-                v[i, P - cut[i] :] = vision[k][i, s : s + cut[i]]
-        completion_ids[r, :n], completion_mask[r, :n], targets[r, :n] = ids[r, T - n :], 1, labels[r, T - n :]
-    inputs = (prompt_ids, prompt_mask, completion_ids, completion_mask, {**vision, **per_sequence})
-    return inputs, targets
+    at = torch.arange(T, device=ids.device)
+    starts = T - mask.sum(-1)  # (R,) first real token
+    scored = labels.bool() & mask.bool()
+    firsts = torch.where(scored, at, T).amin(-1) - starts  # (R,) first scored token, from the row's start
+    cut = firsts.view(copies, B).amin(0)  # (B,) prompt i: before the first scored token of any of its copies
+    rows = ids.gather(1, (starts[:, None] + at).clamp(max=T - 1))  # (R, T) each row from its first real token
+    same = (rows == rows[:B].repeat(copies, 1)) | (at >= cut.repeat(copies)[:, None])  # (R, T)
+    left, has, ok = mask.bool() == (at >= starts[:, None]), scored.any(-1), same.all(-1)
+    checks = torch.stack([left.all(-1), has, firsts >= 1, ok]).tolist()  # one transfer
+    for why, passed in zip(WHY_NOT, checks, strict=True):
+        if not all(passed):
+            return f"sequence {passed.index(False)} {why}"
+    P, N = (int(v) for v in torch.stack([cut.max(), (T - starts - cut.repeat(copies)).max()]).tolist())
+    if B * P + R * N >= R * T:
+        return f"the shared prefix would run {B * P + R * N} tokens, the full sequences {R * T}"
+    # prompt i's token p is its row's token cut - P + p (p >= P - cut: left padding); row r's completion token n
+    # is its token cut + n (while inside the row)
+    p_at, n_at = starts[:B, None] + cut[:, None] - P + at[:P], (starts + cut.repeat(copies))[:, None] + at[:N]
+    p_in, n_in = at[:P] >= P - cut[:, None], n_at < T
+
+    def take(x: torch.Tensor, where: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        return torch.where(inside, x[: where.shape[0]].gather(1, where.clamp(0, T - 1)), 0).to(x.dtype)
+
+    per_sequence = {k: take(v, p_at, p_in) for k, v in vision.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+    inputs = (take(ids, p_at, p_in), p_in.to(mask.dtype), take(ids, n_at, n_in), n_in.to(mask.dtype))
+    return (*inputs, {**vision, **per_sequence}), take(labels, n_at, n_in)
 
 
 @contextlib.contextmanager

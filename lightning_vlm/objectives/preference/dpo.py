@@ -47,7 +47,7 @@ class DPO(PreferenceObjective):
             precompute_ref_logps: Score every training and held-out row with the reference once
                 before training and cache the values (saved in checkpoints); the frozen reference copy
                 is then released (full fine-tuning), and steps skip the reference forward.
-            **kwargs: ``table_rows`` (the samples table: see :class:`PreferenceObjective`) and the
+            **kwargs: ``table_rows`` (the samples table), ``shared_prefix`` (see :class:`PreferenceObjective`) and the
                 optimisation settings of :class:`VLMObjective` (lr, schedule, ...).
         """
         super().__init__(backbone, **kwargs)

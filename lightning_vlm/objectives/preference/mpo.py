@@ -46,7 +46,7 @@ class MPO(PreferenceObjective):
             quality_weight: Weight of the BCO pair term (0 turns it off).
             generation_weight: Weight of the SFT term on the chosen response (0 turns it off).
             precompute_ref_logps: Cache the reference log-probs of every row before training (see DPO).
-            **kwargs: ``table_rows`` (see :class:`PreferenceObjective`) and the optimisation settings of
+            **kwargs: ``table_rows``, ``shared_prefix`` (see :class:`PreferenceObjective`) and the optimisation settings of
                 :class:`VLMObjective` (lr, schedule, ...).
         """
         super().__init__(backbone, **kwargs)

@@ -11,10 +11,12 @@ and the two responses run on its KV cache (``lightning_vlm.model.prefix``).
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
+from lightning.pytorch.utilities import move_data_to_device
 
 from lightning_vlm.model.backbone import VLMBackbone
 from lightning_vlm.model.prefix import common_prefix, fallback_reason, shared_prefix_logps
@@ -37,7 +39,7 @@ class PairLogps:
         self.backbone = backbone
         self.average = average
         self.shared_prefix = shared_prefix
-        self.warned = False
+        self.warned: set[str] = set()  # fallback reasons said
         self.cache: dict[str, dict[int, tuple[float, float]]] = {}  # split -> row -> (chosen, rejected)
         self.sources: dict[str, str] = {}  # split -> "source (N rows)" the cache was computed on
 
@@ -48,19 +50,24 @@ class PairLogps:
         return tuple(seq.chunk(2))  # chosen (B,), rejected (B,)
 
     def split(self, batch: dict) -> tuple[tuple, torch.Tensor] | None:
-        """The shared prefix's inputs and scored tokens (:func:`common_prefix`), or None where it does not apply."""
+        """The shared prefix's inputs and scored tokens (:func:`common_prefix`, once per batch: the policy and the
+        reference pass share it), or None where it does not apply: each reason is said once per process, except
+        a batch where sharing would run more tokens (said at debug level)."""
         if not self.shared_prefix:
             return None
-        why = fallback_reason(self.backbone) if batch["copies"] > 1 else "vision_once is off"
-        if why is None:
+        if "shared_prefix" not in batch:
+            why = fallback_reason(self.backbone) if batch["copies"] > 1 else "vision_once is off"
             inputs = (batch[k] for k in ("input_ids", "attention_mask", "labels_mask", "vision", "copies"))
-            split = common_prefix(*inputs)
-            if not isinstance(split, str):
-                return split
-            why = split
-        if not self.warned:
-            self.warned = True
-            rank_zero_warn(f"model.shared_prefix is on but pairs are scored per sequence: {why}")
+            batch["shared_prefix"] = why or common_prefix(*inputs)
+        split = batch["shared_prefix"]
+        if not isinstance(split, str):
+            return split
+        kind = re.sub(r"\d+", "#", split)
+        if kind.startswith("the shared prefix would run"):
+            log.debug("split %s: pairs scored per sequence: %s", batch.get("split"), split)
+        elif kind not in self.warned:
+            self.warned.add(kind)
+            warnings.warn(f"model.shared_prefix is on but pairs are scored per sequence: {split}", stacklevel=2)
         return None
 
     def _token_logps(self, batch: dict, model: Any = None, features: Any = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,7 +48,7 @@ class RewardModel(PreferenceObjective):
             backbone: The VLM to turn into a scorer (usually the SFT model; LoRA works too).
             center_coef: Weight of ``mean((rc + rr)**2)`` that keeps scores near 0 (e.g. 0.01);
                 ``null`` turns it off. A ``margin`` column in the data is used when present.
-            **kwargs: ``table_rows`` (see :class:`PreferenceObjective`) and the optimisation settings of
+            **kwargs: ``table_rows``, ``shared_prefix`` (see :class:`PreferenceObjective`) and the optimisation settings of
                 :class:`VLMObjective` (lr, schedule, ...).
         """
         super().__init__(backbone, **kwargs)

@@ -102,15 +102,24 @@ def test_objective_losses_and_gradients_equal_per_sequence(cls, kw, lora, synthe
     _assert_same_grads(ga, gb)
 
 
-def test_vision_once_off_falls_back_and_says_why_once(synthetic_dir):
+def test_fallbacks_say_each_reason_once_and_the_split_runs_once_per_batch(synthetic_dir, monkeypatch):
     module = DPO(BackboneConfig(tiny=TinyVLM()))
     module.configure_model()
-    batch = _batch(module.backbone.processor, synthetic_dir, vision_once=False)
-    with pytest.warns(UserWarning, match="scored per sequence: vision_once is off") as seen:
-        assert module.pairs.split(batch) is None and module.pairs.split(batch) is None
-    assert len(seen) == 1
-    loss, _ = module._loss(batch)
+    plain = _batch(module.backbone.processor, synthetic_dir, vision_once=False)
+    with pytest.warns(UserWarning, match="scored per sequence") as seen:
+        for _ in range(2):  # the same reason twice, on two batches
+            assert module.pairs.split(dict(plain)) is None
+        right = _batch(module.backbone.processor, synthetic_dir)
+        right["attention_mask"] = right["attention_mask"].flip(-1)  # another reason: said too
+        assert module.pairs.split(right) is None
+    assert [str(w.message).split(": ", 1)[1] for w in seen] == ["vision_once is off", "sequence 0 is not left-padded"]
+    loss, _ = module._loss(plain)
     assert torch.isfinite(loss)
+    calls = []
+    monkeypatch.setattr("lightning_vlm.objectives.preference.pairs.common_prefix",
+                        lambda *a: calls.append(1) or common_prefix(*a))  # fmt: skip
+    module._loss(_batch(module.backbone.processor, synthetic_dir))
+    assert calls == [1]  # the policy's and the reference's pass share one split
 
 
 def test_common_prefix_cuts_before_the_first_scored_token_of_either_response():
@@ -132,16 +141,28 @@ def test_common_prefix_cuts_before_the_first_scored_token_of_either_response():
 
 @pytest.mark.parametrize(
     "change, why",
-    [("right", "not left-padded"), ("prompt", "does not start with the prompt of sequence 0"),
-     ("labels", "no prompt token before its first scored token")],
+    [("right", "sequence 0 is not left-padded"), ("empty", "sequence 1 has no scored token"),
+     ("labels", "sequence 1 has no token before its first scored token"),
+     ("prompt", "sequence 1 differs from its pair's first sequence before the first scored token")],
 )  # fmt: skip
 def test_common_prefix_says_why_it_cannot(change, why):
     ids = torch.tensor([[0, 5, 6, 7], [5, 6, 8, 9]])
     mask, labels = (ids != 0).long(), torch.tensor([[0, 0, 0, 1], [0, 0, 1, 1]]).bool()
+    assert not isinstance(common_prefix(ids, mask, labels, {}, 2), str)  # as is, it applies
     if change == "right":
         ids, mask = ids.flip(-1), mask.flip(-1)
     if change == "prompt":
         ids[1, 1] = 4
-    if change == "labels":
-        labels[1] = True
-    assert why in common_prefix(ids, mask, labels, {}, 2)
+    if change in ("labels", "empty"):
+        labels[1] = change == "labels"
+    assert common_prefix(ids, mask, labels, {}, 2) == why
+
+
+def test_common_prefix_declines_when_padding_would_cost_more_than_it_saves():
+    """Pair 0: a 5-token prompt and 1-token responses; pair 1: a 1-token prompt and 5-token responses. Shared,
+    prompts pad to 5 and responses to 5: 2 x 5 + 4 x 5 = 30 tokens against 4 x 6 = 24 in full."""
+    ids = torch.tensor([[5, 5, 5, 5, 5, 7], [3, 9, 9, 9, 9, 9], [5, 5, 5, 5, 5, 8], [3, 8, 8, 8, 8, 8]])
+    labels = torch.tensor([[0] * 5 + [1], [0] + [1] * 5] * 2).bool()
+    why = "the shared prefix would run 30 tokens, the full sequences 24"
+    assert common_prefix(ids, torch.ones_like(ids), labels, {}, 2) == why
+    assert not isinstance(common_prefix(ids[[0, 2]], torch.ones(2, 6, dtype=torch.long), labels[[0, 2]], {}, 2), str)  # alone: shared
