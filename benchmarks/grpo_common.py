@@ -82,8 +82,16 @@ def make_pairs(rows: list[dict], model_dir: str, n_tokens: int = 32) -> list[dic
 
 
 def peak_memory(device: str = "cpu") -> dict:
-    """The process's peak resident memory (MiB), and on CUDA the peak memory torch allocated."""
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    """The process's peak resident memory so far (MiB), and on CUDA the peak memory torch allocated.
+
+    Read from /proc/self/status (VmHWM, which starts afresh at exec): ``ru_maxrss`` carries the parent's
+    RSS at fork over into the child, so a child that uses less than its parent would report the parent's."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+        out = {"peak_rss_mib": int(line.split()[1]) / 1024}  # kB
+    else:
+        out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
     if device.startswith("cuda"):
         import torch
 

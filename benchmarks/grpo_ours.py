@@ -6,6 +6,7 @@ folder, prompts and settings, timed per step.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -128,4 +129,6 @@ def run_ours(
     stats["completion_lengths"] = lengths
     stats["vision_calls"] = vision_calls["calls"]
     stats["vision_patches"] = vision_calls["patches"]
+    if out_dir is None:
+        shutil.rmtree(work)
     return times

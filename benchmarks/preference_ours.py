@@ -9,6 +9,7 @@ frozen copy of the initial model, called in every step (no precomputed reference
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -116,4 +117,5 @@ def run_ours_preference(
         trainable_params=sum(p.numel() for p in module.parameters() if p.requires_grad),
         torch_threads=torch.get_num_threads(),
     )  # fmt: skip
+    shutil.rmtree(work)
     return times

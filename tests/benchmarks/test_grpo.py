@@ -3,6 +3,8 @@ token count, and the summary's ratios are TRL / ours in time and ours / TRL in m
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,13 @@ def test_summary_ratios(bench, capsys):
     # 3 s / 1 s (CPU 6 s / 2 s); RSS 600 / 1000; above imports 200 / 800
     assert rows["DPO"] == ["x3.00", ">=", "x2.5", "x3.00", "x0.60", "x0.25", "-"]
     assert rows["GRPO"] == ["-", ">=", "x4.0", "-", "-", "-", "x1.50"]  # no TRL run; prefix off 3 s / on 2 s
+
+
+def test_peak_memory_is_the_childs_own(bench):
+    """Each variant runs in a child of the process that built the model: its peak must not be the parent's
+    (``ru_maxrss`` carries the parent's RSS at fork over into the child)."""
+    held = bytearray(300 * 2**20)  # the parent's memory, touched
+    held[::4096] = b"x" * len(held[::4096])
+    code = f"import sys, json; sys.path.insert(0, {str(BENCH)!r}); import grpo_common; print(grpo_common.peak_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out.split(":")[1].strip(" }\n")) < 100  # a bare interpreter, not the parent's 300+ MiB
