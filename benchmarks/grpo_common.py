@@ -1,18 +1,29 @@
-"""The shared part of benchmarks/grpo.py (lightning-vlm against TRL's GRPOTrainer): the settings both
-sides use, the benchmark's tiny Qwen2-VL, the synthetic prompts, the length reward in each framework's
-signature, and the summary of per-step times.
+"""The shared part of benchmarks/grpo.py (lightning-vlm against TRL's GRPOTrainer and DPOTrainer): the
+settings both sides use, the benchmark's tiny Qwen2-VL, the synthetic prompts and preference pairs, the
+length reward in each framework's signature, the summary of per-step times and the peak memory.
 
-Imported by both sides: benchmarks/grpo.py (ours and the orchestration) and benchmarks/grpo_trl.py
-(TRL's side, which runs in TRL's own environment). Uses only the standard library at import time.
+Imported by both sides: benchmarks/grpo.py (ours and the orchestration), benchmarks/preference_ours.py,
+and TRL's side (benchmarks/grpo_trl.py, benchmarks/preference_trl.py), which runs in TRL's own
+environment. Uses only the standard library at import time.
 """
 
 from __future__ import annotations
 
 import random
+import resource
 import statistics
 from pathlib import Path
 
 OBJECTIVES = {"grpo": "token", "gspo": "sequence"}  # objective -> TRL importance_sampling_level
+PREFERENCE = ("dpo", "mpo")  # against TRL's DPOTrainer
+# The preference objectives' settings, lightning-vlm's defaults (objectives/preference/mpo.py): beta, and
+# MPO's weights of its DPO sigmoid, BCO pair and SFT terms (TRL: loss_type ["sigmoid", "bco_pair", "sft"]).
+BETA = 0.1
+MPO_WEIGHTS = (0.8, 0.2, 1.0)
+# lightning-vlm's objective kwargs of the "shared prefix off" variant, per objective (run with the prefix on,
+# the default, and off; an objective not listed runs with its defaults only). When DPO/MPO take a
+# ``shared_prefix`` init argument, add: "dpo": {"shared_prefix": False}, "mpo": {"shared_prefix": False}.
+PREFIX_OFF = {"grpo": {"loop": {"shared_prefix": False}}, "gspo": {"loop": {"shared_prefix": False}}}
 # GSPO's clipping range (the paper's 3e-4 / 4e-4); GRPO keeps TRL's and our default 0.2 / 0.2.
 EPSILONS = {"token": (0.2, 0.2), "sequence": (3e-4, 4e-4)}
 # The one-image tasks of the synthetic data ("compare" shows two images).
@@ -47,6 +58,45 @@ def make_rows(n: int, image_size: int = 224, seed: int = 0) -> list[dict]:
         images, question, answer = make_example(rng, TASKS[i % len(TASKS)], image_size)
         rows.append({"image": images[0].convert("RGB"), "question": question, "answer": answer})
     return rows
+
+
+def make_pairs(rows: list[dict], model_dir: str, n_tokens: int = 32) -> list[dict]:
+    """``rows`` with a ``chosen`` and a ``rejected`` response text that each tokenise to exactly ``n_tokens``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for i, row in enumerate(rows):
+        wrong = rows[(i + 1) % len(rows)]["answer"]
+        texts = [f"The answer is {row['answer']}.", f"I think it is {wrong}, but I am not sure."]
+        for k, text in enumerate(texts):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            filler = tok(" because the picture shows it", add_special_tokens=False)["input_ids"]
+            while len(ids) < n_tokens:
+                ids += filler
+            texts[k] = tok.decode(ids[:n_tokens])
+            if len(tok(texts[k], add_special_tokens=False)["input_ids"]) != n_tokens:
+                raise ValueError(f"pair {i}: {texts[k]!r} does not tokenise back to {n_tokens} tokens")
+        out.append({**row, "chosen": texts[0], "rejected": texts[1]})
+    return out
+
+
+def peak_memory(device: str = "cpu") -> dict:
+    """The process's peak resident memory so far (MiB), and on CUDA the peak memory torch allocated.
+
+    Read from /proc/self/status (VmHWM, which starts afresh at exec): ``ru_maxrss`` carries the parent's
+    RSS at fork over into the child, so a child that uses less than its parent would report the parent's."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+        out = {"peak_rss_mib": int(line.split()[1]) / 1024}  # kB
+    else:
+        out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if device.startswith("cuda"):
+        import torch
+
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def length_reward(completions, **kwargs) -> list[float]:

@@ -28,8 +28,8 @@ import statistics
 import tempfile
 import time
 
-from grpo import run_ours
 from grpo_common import build_model, make_rows
+from grpo_ours import run_ours
 
 
 def main() -> None:
