@@ -24,7 +24,7 @@ process on both: ``num_workers=0``), the policy and reference forwards, backward
 
 Each (framework, objective) runs in its own subprocess; the first step is warm-up and is left out of
 the median. lightning-vlm also runs with its shared prefix off (``ours-off``: the objective kwargs in
-``grpo_common.PREFIX_OFF``; GRPO/GSPO's ``loop.shared_prefix``, DPO/MPO to come). Prints per variant
+``grpo_common.PREFIX_OFF``; GRPO/GSPO's ``loop.shared_prefix``, DPO/MPO's ``shared_prefix``). Prints per variant
 the median, steps per second, what it did per step (completion tokens, vision-tower calls and patches,
 process CPU time, which is less sensitive than wall time to other load on a shared machine) and its
 peak memory (the process's peak RSS on CPU, torch's peak allocation on CUDA; "above imports" leaves

@@ -23,7 +23,8 @@ MPO_WEIGHTS = (0.8, 0.2, 1.0)
 # lightning-vlm's objective kwargs of the "shared prefix off" variant, per objective (run with the prefix on,
 # the default, and off; an objective not listed runs with its defaults only). When DPO/MPO take a
 # ``shared_prefix`` init argument, add: "dpo": {"shared_prefix": False}, "mpo": {"shared_prefix": False}.
-PREFIX_OFF = {"grpo": {"loop": {"shared_prefix": False}}, "gspo": {"loop": {"shared_prefix": False}}}
+PREFIX_OFF = {"grpo": {"loop": {"shared_prefix": False}}, "gspo": {"loop": {"shared_prefix": False}},
+              "dpo": {"shared_prefix": False}, "mpo": {"shared_prefix": False}}  # fmt: skip
 # GSPO's clipping range (the paper's 3e-4 / 4e-4); GRPO keeps TRL's and our default 0.2 / 0.2.
 EPSILONS = {"token": (0.2, 0.2), "sequence": (3e-4, 4e-4)}
 # The one-image tasks of the synthetic data ("compare" shows two images).
