@@ -38,11 +38,12 @@ which keeps this project's pins; both sides run with that environment's interpre
     /work/trl-venv/bin/pip install -e . -r benchmarks/requirements-trl.txt   # torch==2.13.0, trl==1.16.0
     /work/trl-venv/bin/python benchmarks/grpo.py --threads 2 [--only trl] [--objectives dpo mpo] [--steps 6]
 
-Measured side by side on the 2-core CPU (2026-11-30, ``--threads 1``, other load on the cores; the table
-is in docs/online_rl.md#measured): lightning-vlm / TRL steps per second GRPO x3.65, GSPO x3.63, DPO
-x1.47, MPO x1.45 (targets x4, x4, x2.5, x2.5: not met); peak RSS ours / TRL 0.77, 0.77, 0.98, 1.00
-(target <= 0.5: not met); ours with the shared prefix on / off x1.84 (GRPO), x1.94 (GSPO). With
-``--threads 2`` the other load made the wall and CPU times unusable that night.
+Measured side by side on the 2-core CPU (2026-11-30, ``--threads 1 --prompts 4 --new-tokens 32 --vision
+train``, other load on the cores, two runs; the table is in docs/online_rl.md#measured): lightning-vlm /
+TRL steps per second GRPO x3.41-3.51, GSPO x3.52-3.53, DPO x1.63-1.69, MPO x1.61-1.63 (targets x4, x4,
+x2.5, x2.5: not met); peak RSS ours / TRL 0.47-0.50, 0.48-0.51, 0.98-1.06, 0.95-1.03 (target <= 0.5);
+ours with the shared prefix on / off x1.59-1.86 (GRPO), x1.66-1.99 (GSPO), x1.16-1.17 (DPO), x1.15 (MPO).
+With ``--threads 2`` the other load made the wall and CPU times unusable that night.
 
 Files: this one holds the command line, which starts each (framework, objective) as ``grpo.py
 --variant framework:objective`` in its own subprocess and prints the ratios; lightning-vlm's sides are
