@@ -21,14 +21,38 @@ PREFERENCE = ("dpo", "mpo")  # against TRL's DPOTrainer
 BETA = 0.1
 MPO_WEIGHTS = (0.8, 0.2, 1.0)
 # lightning-vlm's objective kwargs of the "shared prefix off" variant, per objective (run with the prefix on,
-# the default, and off; an objective not listed runs with its defaults only). When DPO/MPO take a
-# ``shared_prefix`` init argument, add: "dpo": {"shared_prefix": False}, "mpo": {"shared_prefix": False}.
+# the default, and off; an objective not listed runs with its defaults only).
 PREFIX_OFF = {"grpo": {"loop": {"shared_prefix": False}}, "gspo": {"loop": {"shared_prefix": False}},
               "dpo": {"shared_prefix": False}, "mpo": {"shared_prefix": False}}  # fmt: skip
 # GSPO's clipping range (the paper's 3e-4 / 4e-4); GRPO keeps TRL's and our default 0.2 / 0.2.
 EPSILONS = {"token": (0.2, 0.2), "sequence": (3e-4, 4e-4)}
 # The one-image tasks of the synthetic data ("compare" shows two images).
 TASKS = ("colour", "shape", "count", "position")
+
+
+def trl_training_args(lr: float, seed: int, device: str) -> dict:
+    """The TrainingArguments both TRL configs share: plain AdamW at a constant lr without clipping or weight decay
+    (lightning-vlm's defaults), fp32 on CPU and bf16 autocast on CUDA, no gradient checkpointing (TRL's default is
+    on, ours off), collation in the training process (as ours), nothing outside the step."""
+    cuda = device.startswith("cuda")
+    return dict(learning_rate=lr, optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="constant",
+                warmup_steps=0, max_grad_norm=0.0, use_cpu=not cuda, bf16=cuda, fp16=False,
+                gradient_checkpointing=False, report_to="none", logging_strategy="no", save_strategy="no",
+                eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+                seed=seed, data_seed=seed)  # fmt: skip
+
+
+def bench_trainer(steps: int, seed: int, device: str, callbacks: list):
+    """The Lightning Trainer of our sides: ``steps`` optimiser steps, fp32 on CPU (bf16-mixed on CUDA), nothing
+    outside the step (no logger, checkpoints, progress bar, summary or validation)."""
+    import lightning as L
+
+    L.seed_everything(seed)
+    cuda = device.startswith("cuda")
+    return L.Trainer(max_steps=steps, accelerator="gpu" if cuda else "cpu", devices=1,
+                     precision="bf16-mixed" if cuda else "32-true", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, callbacks=callbacks)  # fmt: skip
 
 
 def build_model(out_dir: str | Path, image_size: int = 224, seed: int = 0) -> Path:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from grpo_common import EPSILONS, our_length_reward
+from grpo_common import EPSILONS, bench_trainer, our_length_reward
 
 
 def run_ours(
@@ -111,20 +111,8 @@ def run_ours(
 
             pl_module.backbone.vision_tower.register_forward_pre_hook(hook, with_kwargs=True)
 
-    L.seed_everything(seed)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="gpu" if device.startswith("cuda") else "cpu",
-        devices=1,
-        precision="bf16-mixed" if device.startswith("cuda") else "32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[Timer(), rollout, CountVision()],  # the timer first: the rollout is inside the step
-    )
+    # the timer first: the rollout is inside the step
+    trainer = bench_trainer(steps, seed, device, [Timer(), rollout, CountVision()])
     trainer.fit(module, data)
     stats["completion_lengths"] = lengths
     stats["vision_calls"] = vision_calls["calls"]

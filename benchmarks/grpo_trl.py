@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from grpo_common import EPSILONS, length_reward
+from grpo_common import EPSILONS, length_reward, trl_training_args
 
 # GRPO: DAPO normalisation (TRL's default: token sum / token count). GSPO: TRL's documented GSPO recipe,
 # loss_type "grpo" = mean over sequences of the sequence loss, which is lightning_vlm.losses.gspo_loss.
@@ -37,7 +37,6 @@ def trl_config(
 
     batch = prompts_per_step * num_generations
     eps_low, eps_high = EPSILONS[importance_sampling_level]
-    cuda = device.startswith("cuda")
     return GRPOConfig(
         output_dir=out_dir,
         max_steps=steps,
@@ -62,30 +61,8 @@ def trl_config(
         epsilon=eps_low,
         epsilon_high=eps_high,
         scale_rewards="group",
-        # Optimiser: plain AdamW, constant lr, no clipping, no weight decay (lightning-vlm's defaults).
-        learning_rate=lr,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=0.0,
-        # Precision and memory: fp32 on CPU, bf16 autocast on CUDA; no gradient checkpointing (TRL's
-        # default is on, lightning-vlm's off).
-        use_cpu=not cuda,
-        bf16=cuda,
-        fp16=False,
-        gradient_checkpointing=False,
-        # Nothing outside the step.
-        report_to="none",
-        logging_strategy="no",
         log_completions=False,
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        seed=seed,
-        data_seed=seed,
+        **trl_training_args(lr, seed, device),
     )
 
 

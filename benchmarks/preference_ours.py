@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from grpo_common import BETA, MPO_WEIGHTS
+from grpo_common import BETA, MPO_WEIGHTS, bench_trainer
 
 
 def run_ours_preference(
@@ -97,20 +97,7 @@ def run_ours_preference(
                 if model is not None:
                     backbone._vision_of(model).register_forward_pre_hook(hook, with_kwargs=True)
 
-    L.seed_everything(seed)
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="gpu" if device.startswith("cuda") else "cpu",
-        devices=1,
-        precision="bf16-mixed" if device.startswith("cuda") else "32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[Timer(), CountVision()],
-    )
+    trainer = bench_trainer(steps, seed, device, [Timer(), CountVision()])
     trainer.fit(module, data)
     stats.update(
         vision_calls=vision_calls["calls"], vision_patches=vision_calls["patches"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from grpo_common import BETA, MPO_WEIGHTS
+from grpo_common import BETA, MPO_WEIGHTS, trl_training_args
 
 
 def trl_preference_config(out_dir: str, objective: str, steps: int, pairs_per_step: int, lr: float, seed: int,
@@ -26,7 +26,6 @@ def trl_preference_config(out_dir: str, objective: str, steps: int, pairs_per_st
     from trl import DPOConfig
 
     mpo = objective == "mpo"
-    cuda = device.startswith("cuda")
     return DPOConfig(
         output_dir=out_dir,
         max_steps=steps,
@@ -38,26 +37,7 @@ def trl_preference_config(out_dir: str, objective: str, steps: int, pairs_per_st
         loss_weights=list(MPO_WEIGHTS) if mpo else None,
         beta=BETA,
         precompute_ref_log_probs=False,  # the reference forward runs in every step, as ours
-        # Optimiser: plain AdamW, constant lr, no clipping, no weight decay (lightning-vlm's defaults).
-        learning_rate=lr,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=0.0,
-        use_cpu=not cuda,
-        bf16=cuda,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,  # collation (the processor on the images) in the training process, as ours
-        dataloader_pin_memory=False,
-        seed=seed,
-        data_seed=seed,
+        **trl_training_args(lr, seed, device),
     )
 
 

@@ -61,7 +61,9 @@ LAYERS = {
 # pair's prompt from its left-padded sequences; PairLogps and the reward model choose the path and say why not).
 # Its review: +13 (the split vectorised and run once per batch, each fallback reason said once per process,
 # batches where padding would cost more than sharing saves scored per sequence).
-MAX_LINES, MAX_TOTAL = 300, 8606
+# The last look: +6 (the reward model reads its last token in one place for both paths; read_head replaces four
+# copies of the head call).
+MAX_LINES, MAX_TOTAL = 300, 8612
 
 
 def _modules() -> dict[str, Path]:

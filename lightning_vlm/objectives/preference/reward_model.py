@@ -66,17 +66,18 @@ class RewardModel(PreferenceObjective):
         """(N,) score of each sequence, read at its last non-padding token (``copies``, ``features``: as
         in :meth:`VLMBackbone.hidden_states`)."""
         hidden = self.backbone.hidden_states(input_ids, attention_mask, vision, None, copies, features)
-        last = attention_mask.cumsum(-1).argmax(-1)  # (N,) index of the last real token
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+        return self._last(hidden, attention_mask)
+
+    def _last(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N,) the head read at each row's last real token (left or right padding)."""
+        last = mask.cumsum(-1).argmax(-1)  # (N,) the first index where the count of real tokens peaks
+        return read_head(self.head, hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         split = self.pairs.split(batch)
         if split is not None:  # each prompt once; the scores are read at each response's last token
             inputs = split[0]
-            hidden = shared_prefix_hidden(self.backbone, *inputs, own=True)  # (2B, N, H)
-            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), inputs[3].sum(-1) - 1]  # (2B, H)
-            s = self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+            s = self._last(shared_prefix_hidden(self.backbone, *inputs, own=True), inputs[3])  # (2B,)
         else:
             s = self.scores(batch["input_ids"], batch["attention_mask"], batch["vision"], batch["copies"])
         chosen, rejected = s.chunk(2)  # (B,), (B,)
@@ -114,6 +115,11 @@ class RewardModel(PreferenceObjective):
         model.configure_model()
         model.head.load_state_dict(head)
         return model.eval().requires_grad_(False)
+
+
+def read_head(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """The scalar head on hidden states ``h`` (..., H): (...) float32 scores."""
+    return head(h.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def load_head(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -157,13 +163,13 @@ class Critic(nn.Module):
         ``shared_prefix``, from one forward of each prompt (``lightning_vlm.model.prefix``)."""
         if shared_prefix:
             h = shared_prefix_hidden(self.backbone, *split(seq), features=features)  # (R, N, H)
-            return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+            return read_head(self.head, h)
         hidden = self.backbone.hidden_states(
             seq["input_ids"], seq["attention_mask"], seq["vision"], copies=seq["copies"], features=features
         )  # (R, P+N, H)
         P = seq["prompt_length"]
         h = hidden[:, P - 1 : -1]  # position t-1 holds the state in which token t is chosen
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+        return read_head(self.head, h)
 
 
 def check_compatible(policy: VLMBackbone, critic: VLMBackbone) -> None:
